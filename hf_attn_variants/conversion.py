@@ -1,0 +1,226 @@
+"""Convert a stock BERT/RoBERTa/GPT-2/Llama/Qwen2/Mistral checkpoint into an attention-variant model.
+
+Every source weight is carried over unchanged (checked: nothing dropped, nothing left newly initialised but the
+variant's own state). Learned absolute position embeddings can be lengthened by tiling them (Longformer's recipe).
+All checks run before anything is loaded or written; the output folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import logging as hf_logging
+
+from .atomic_io import atomic_output_dir, check_output_dir
+from .modeling import VARIANT_CONFIGS, VARIANT_MODELS, get_variant, resolve_settings
+from .modeling.attention_common import STATE_ATTRIBUTE
+
+ABSOLUTE_POSITION_FAMILIES = {"bert": 0, "roberta": None, "gpt2": 0}
+"""Families with learned absolute positions -> rows kept in front of the tiled ones (RoBERTa: padding_idx + 1)."""
+
+POSITION_EMBEDDING_KEYS = ("embeddings.position_embeddings.weight", "wpe.weight")
+
+
+class ConversionError(ValueError):
+    """A conversion request that cannot be carried out; the message names the problem and the fix."""
+
+
+def source_family(config: Any) -> str:
+    """The family ('bert', 'gpt2', ...) of a source config; variant configs map back to their family."""
+    model_type = config.model_type
+    for family, config_class in VARIANT_CONFIGS.items():
+        if model_type in (family, config_class.model_type):
+            return family
+    raise ConversionError(
+        f"model type '{model_type}' is not supported; hf_attn_variants converts {sorted(VARIANT_CONFIGS)} "
+        "(models whose attention goes through transformers' AttentionInterface)."
+    )
+
+
+def _check_weights_present(source: str) -> None:
+    """A local source must hold safetensors weights: the package never unpickles checkpoint files."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    names = {p.name for p in folder.iterdir()}
+    if any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in names):
+        return
+    if any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in names):
+        raise ConversionError(
+            f"{source} has only pickled weights (.bin/.pt); hf_attn_variants loads safetensors only. Re-save it "
+            "with transformers: AutoModel.from_pretrained(src).save_pretrained(src, safe_serialization=True)."
+        )
+    raise ConversionError(f"{source} has no model weights (no *.safetensors); point at a saved model folder.")
+
+
+def variant_config(
+    source_config: Any,
+    attention: str,
+    settings: dict[str, Any],
+    max_position_embeddings: int | None = None,
+    seed: int = 0,
+):
+    """The family's variant config: the source config's fields plus the variant, its settings and the seed."""
+    family = source_family(source_config)
+    fields = source_config.to_dict()
+    for key in ("model_type", "transformers_version", "auto_map", "attention_type", "attention_settings"):
+        fields.pop(key, None)
+    old_positions = getattr(source_config, "max_position_embeddings", None)
+    if max_position_embeddings is not None:
+        if not isinstance(max_position_embeddings, int) or max_position_embeddings <= 0:
+            raise ConversionError(f"max_position_embeddings={max_position_embeddings!r} must be a positive integer.")
+        if old_positions is not None and max_position_embeddings < old_positions:
+            raise ConversionError(
+                f"max_position_embeddings={max_position_embeddings} is smaller than the source's {old_positions}; "
+                "conversion only lengthens the context. Leave it unset or pass a value >= "
+                f"{old_positions}."
+            )
+        key = "n_positions" if family == "gpt2" else "max_position_embeddings"
+        fields[key] = max_position_embeddings
+    try:
+        return VARIANT_CONFIGS[family](
+            attention_type=attention, attention_settings=settings, attention_seed=seed, **fields
+        )
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+
+
+def extend_position_embeddings(weight: torch.Tensor, new_rows: int, keep_front: int) -> torch.Tensor:
+    """Lengthen [old_rows, H] learned positions to [new_rows, H]: the first ``keep_front`` rows stay, the rest are
+    the old positions tiled (row keep_front + j gets old row keep_front + j mod (old_rows - keep_front))."""
+    old_rows = weight.shape[0]
+    if new_rows == old_rows:
+        return weight
+    period = old_rows - keep_front
+    index = torch.arange(new_rows - keep_front, device=weight.device) % period + keep_front
+    return torch.cat([weight[:keep_front], weight[index]])
+
+
+def _front_rows(family: str, config: Any) -> int:
+    keep = ABSOLUTE_POSITION_FAMILIES[family]
+    return config.pad_token_id + 1 if keep is None else keep
+
+
+def _load_source(source: str | PreTrainedModel, **load_kwargs) -> PreTrainedModel:
+    if isinstance(source, PreTrainedModel):
+        return source
+    config = AutoConfig.from_pretrained(source, **load_kwargs)
+    family = source_family(config)
+    architectures = getattr(config, "architectures", None) or []
+    stock_name = architectures[0].removeprefix("AttnVariant") if architectures else ""
+    if stock_name not in VARIANT_MODELS[family]:
+        stock_name = next(iter(VARIANT_MODELS[family]))  # the family's base model
+    import transformers
+
+    stock_class = getattr(transformers, stock_name)
+    if config.model_type != family:  # an already converted model: load it as its variant class
+        stock_class = VARIANT_MODELS[family][stock_name]
+    return stock_class.from_pretrained(source, use_safetensors=True, **load_kwargs)
+
+
+def convert(
+    source: str | os.PathLike | PreTrainedModel,
+    attention: str = "performer",
+    output_dir: str | os.PathLike | None = None,
+    max_position_embeddings: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+    **variant_settings: Any,
+) -> PreTrainedModel:
+    """Convert ``source`` (a folder, a Hub id when online, or a loaded model) to attention ``attention``.
+
+    Returns the converted model (same head as the source, same dtype); saves it with its tokenizer and generation
+    config to ``output_dir`` when given. ``variant_settings`` are the variant's settings (e.g. ``k=128`` for
+    Linformer). Raises ConversionError before any loading or writing for an unknown variant or setting, an
+    unsupported family, a shorter ``max_position_embeddings`` or an existing ``output_dir`` (unless
+    ``overwrite``).
+    """
+    get_variant(attention)
+    settings = resolve_settings(attention, variant_settings).to_dict()
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+    steps = _progress(progress, total=3)
+    if not isinstance(source, PreTrainedModel):
+        source = str(source)
+        _check_weights_present(source)
+        # Validate family and settings from the config alone, before the weights are read.
+        variant_config(AutoConfig.from_pretrained(source), attention, settings, max_position_embeddings, seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        source_model = _load_source(source)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    steps.update(1)
+    model = convert_model(source_model, attention, settings, max_position_embeddings, seed)
+    steps.update(1)
+    if output_dir is not None:
+        with atomic_output_dir(output_dir, overwrite) as tmp:
+            model.save_pretrained(tmp)
+            if isinstance(source, str):
+                _copy_tokenizer(source, tmp)
+    steps.update(1)
+    steps.close()
+    return model
+
+
+def convert_model(
+    source_model: PreTrainedModel,
+    attention: str,
+    settings: dict[str, Any],
+    max_position_embeddings: int | None = None,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Build the variant model for a loaded ``source_model`` and carry every weight over (source unchanged)."""
+    config = variant_config(source_model.config, attention, settings, max_position_embeddings, seed)
+    family = source_family(source_model.config)
+    stock_name = type(source_model).__name__.removeprefix("AttnVariant")
+    if stock_name not in VARIANT_MODELS[family]:
+        raise ConversionError(
+            f"{type(source_model).__name__} has no variant class; supported {family} classes: "
+            f"{sorted(VARIANT_MODELS[family])}."
+        )
+    state = {
+        key: value
+        for key, value in source_model.state_dict().items()
+        if f".{STATE_ATTRIBUTE}." not in key  # an earlier variant's state is replaced
+    }
+    new_positions = getattr(config, "max_position_embeddings", None)
+    if family in ABSOLUTE_POSITION_FAMILIES and new_positions != source_model.config.max_position_embeddings:
+        front = _front_rows(family, config)
+        for key in list(state):
+            if key.endswith(POSITION_EMBEDDING_KEYS):
+                state[key] = extend_position_embeddings(state[key], new_positions, front)
+    dtype = next(source_model.parameters()).dtype
+    model = VARIANT_MODELS[family][stock_name](config).to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    lost = [key for key in missing if f".{STATE_ATTRIBUTE}." not in key]
+    if lost or unexpected:
+        raise ConversionError(
+            f"conversion would not carry every weight over (missing {lost[:5]}, unexpected {list(unexpected)[:5]}); "
+            "please report this with the source model's config."
+        )
+    model.to(next(source_model.parameters()).device)
+    if getattr(source_model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config = GenerationConfig.from_dict(source_model.generation_config.to_dict())
+    model.eval()
+    return model
+
+
+def _copy_tokenizer(source: str, destination: str) -> None:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        return  # a weights-only folder: nothing to carry over
+    tokenizer.save_pretrained(destination)
+
+
+def _progress(enabled: bool, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="convert", disable=not enabled, unit="step")

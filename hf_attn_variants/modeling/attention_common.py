@@ -1,0 +1,216 @@
+"""Helpers shared by the attention variants.
+
+Notation used in every variant module: B batch, H query heads, Lq query length, Lk key/value length, D head dim.
+Query i sits at absolute position ``Lk - Lq + i`` (decoding with a KV cache gives Lq < Lk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import repeat_kv
+
+__all__ = [
+    "SettingsBase",
+    "expand_kv_heads",
+    "key_padding_mask",
+    "exact_attention",
+    "masked_fill_value",
+]
+
+
+@dataclasses.dataclass
+class SettingsBase:
+    """Base of each variant's settings: typed fields, validated on construction."""
+
+    variant = "base"
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.metadata.get("positive_int") and not _is_positive_int(value):
+                raise ValueError(
+                    f"{self.variant} setting {field.name}={value!r} must be a positive integer; "
+                    f"pass e.g. {field.name}={field.default}."
+                )
+            if field.metadata.get("non_negative_int") and not (_is_int(value) and value >= 0):
+                raise ValueError(
+                    f"{self.variant} setting {field.name}={value!r} must be an integer >= 0; "
+                    f"pass e.g. {field.name}={field.default}."
+                )
+            choices = field.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ValueError(
+                    f"{self.variant} setting {field.name}={value!r} is not one of {list(choices)}."
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict (what the config stores)."""
+        return dataclasses.asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def expand_kv_heads(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor):
+    """Repeat grouped key/value heads (GQA) to the query head count: [B, Hkv, Lk, D] -> [B, H, Lk, D]."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    return repeat_kv(key, groups), repeat_kv(value, groups)
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
+    """Normalise the mask a variant receives into a boolean key mask [B, Lk] (True = real token), or None.
+
+    The variants are registered with a 2-D padding mask function, so ``attention_mask`` is None or [B, >= Lk].
+    A 4-D (N x N) mask means a caller built one by hand: that defeats linear memory, so it is refused.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"hf_attn_variants' efficient attention takes a 2-D padding mask [batch, length], got a "
+            f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}. Pass the tokenizer's "
+            "attention_mask (1 = token, 0 = padding) instead of a prepared 4-D mask."
+        )
+    mask = attention_mask[:, -key.shape[2] :]
+    if mask.dtype != torch.bool:
+        mask = mask > 0
+    if bool(mask.all()):
+        return None
+    return mask
+
+
+def masked_fill_value(dtype: torch.dtype) -> float:
+    """A large finite negative logit: fully masked rows give a uniform softmax instead of NaN."""
+    return torch.finfo(dtype).min / 2
+
+
+def exact_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    is_causal: bool,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Exact softmax attention through SDPA (used for short inputs only: it builds an Lq x Lk mask).
+
+    query [B, H, Lq, D], key/value [B, H, Lk, D], key_mask [B, Lk] bool or None. Returns [B, H, Lq, D].
+    """
+    lq, lk = query.shape[2], key.shape[2]
+    allowed = None
+    if is_causal:
+        q_pos = torch.arange(lk - lq, lk, device=query.device)
+        allowed = (torch.arange(lk, device=query.device)[None, :] <= q_pos[:, None])[None, None]
+    if key_mask is not None:
+        pad = key_mask[:, None, None, :]
+        allowed = pad if allowed is None else allowed & pad
+    bias = None
+    if allowed is not None:
+        bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        bias = bias.masked_fill(~allowed, masked_fill_value(query.dtype))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
+
+
+STATE_ATTRIBUTE = "attn_variant"
+"""Name of the submodule holding a variant's parameters/buffers on each attention module (PEFT's modules_to_save)."""
+
+_DEFAULT_STATE_ATTRIBUTE = "_hf_attn_variants_default_state"
+
+
+class VariantState(torch.nn.Module):
+    """Parameters/buffers one variant keeps on one attention module; rebuilt identically from (settings, seed)."""
+
+    settings_class: type[SettingsBase] = SettingsBase
+
+    def __init__(self, settings: SettingsBase, num_heads: int, head_dim: int, max_positions: int, seed: int):
+        super().__init__()
+        self.settings = settings
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.seed = seed
+
+    @classmethod
+    def for_stock_model(
+        cls, settings: SettingsBase, num_heads: int, head_dim: int, max_positions: int, seed: int
+    ) -> VariantState:
+        """State for a stock model run with ``attn_implementation=NAME`` (no conversion)."""
+        return cls(settings, num_heads, head_dim, max_positions, seed)
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator seeded from this module's seed, so draws are identical on every device and reload."""
+        return torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + salt)
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise the state deterministically from the seed."""
+
+    def extra_repr(self) -> str:
+        return f"{self.settings}, heads={self.num_heads}, head_dim={self.head_dim}, seed={self.seed}"
+
+
+def settings_from_config(config: Any, settings_class: type[SettingsBase]) -> SettingsBase:
+    """The variant's settings stored on a variant config, or the defaults for a stock config."""
+    if getattr(config, "attention_type", None) == settings_class.variant:
+        return settings_class(**(config.attention_settings or {}))
+    return settings_class()
+
+
+def attention_shape(config: Any) -> tuple[int, int]:
+    """(num_heads, head_dim) of a transformers text config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, head_dim
+
+
+def state_for_module(module: torch.nn.Module, state_class: type[VariantState], like: torch.Tensor) -> VariantState:
+    """The variant state of an attention module.
+
+    Converted models carry it as ``module.attn_variant`` (saved with the weights). A stock model loaded with
+    ``attn_implementation=NAME`` has none: a parameter-free variant then builds its default state from the seed
+    (kept outside the state dict, so saving the stock model is unchanged); a learned one raises.
+    """
+    state = getattr(module, STATE_ATTRIBUTE, None)
+    if state is not None:
+        if not isinstance(state, state_class):
+            raise ValueError(
+                f"This model was converted for attention '{type(state).settings_class.variant}' but is running "
+                f"'{state_class.settings_class.variant}'. Load it without attn_implementation, or convert it again "
+                f"with hf_attn_variants.convert(model, attention='{state_class.settings_class.variant}')."
+            )
+        return state
+    state = module.__dict__.get(_DEFAULT_STATE_ATTRIBUTE)
+    if not isinstance(state, state_class):
+        config = module.config
+        heads, head_dim = attention_shape(config)
+        settings = settings_from_config(config, state_class.settings_class)
+        seed = getattr(config, "attention_seed", 0) + (getattr(module, "layer_idx", None) or 0)
+        max_positions = getattr(config, "max_position_embeddings", like.shape[2])
+        state = state_class.for_stock_model(settings, heads, head_dim, max_positions, seed)
+        state.reset_parameters()
+        module.__dict__[_DEFAULT_STATE_ATTRIBUTE] = state
+    if state_buffers_device(state) != like.device:
+        state.to(like.device)
+    return state
+
+
+def state_buffers_device(state: torch.nn.Module) -> torch.device | None:
+    for tensor in state.state_dict().values():
+        return tensor.device
+    return None
+
+
+def log_sum_exp_combine(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """Combine partial softmax outputs [B, H, L, D] weighted by their log-normalisers [B, H, L]."""
+    lse = torch.stack(lses)  # (R, B, H, L)
+    weights = torch.softmax(lse, dim=0).unsqueeze(-1)
+    return (torch.stack(outputs) * weights).sum(0)

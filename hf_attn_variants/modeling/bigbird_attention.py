@@ -1,0 +1,206 @@
+"""BigBird-style block-sparse attention (Zaheer et al. 2020): sliding window + global + random blocks.
+
+Keys are cut into blocks of b tokens. Query block i attends key blocks i-w..i+w (i-w..i when causal), the first g
+(global) blocks and r random blocks; when not causal the global query blocks also attend every key. Each query
+block gathers only its S = (2w+1) + g + r key blocks, so memory is O(N S b), never N x N. Any length works (keys
+and queries are padded to a block multiple and stripped). Random blocks for query block i are drawn from a saved
+uniform table row i, stratified over the blocks i may pick (so they never repeat the window or global blocks and
+in causal mode depend on i alone: decoding with a cache gives what the full sequence gives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .attention_common import (
+    SettingsBase,
+    VariantState,
+    exact_attention,
+    expand_kv_heads,
+    key_padding_mask,
+    masked_fill_value,
+    state_for_module,
+)
+
+logger = logging.get_logger(__name__)
+
+
+@dataclasses.dataclass
+class BigBirdSettings(SettingsBase):
+    """block_size: b tokens per block; window_blocks: w blocks each side; global_blocks: g leading blocks every
+    token attends (and that attend everything when not causal); random_blocks: r random blocks per query block."""
+
+    variant = "bigbird"
+    block_size: int = dataclasses.field(default=64, metadata={"positive_int": True})
+    window_blocks: int = dataclasses.field(default=1, metadata={"non_negative_int": True})
+    global_blocks: int = dataclasses.field(default=2, metadata={"non_negative_int": True})
+    random_blocks: int = dataclasses.field(default=3, metadata={"non_negative_int": True})
+
+    def dense_below(self, is_causal: bool) -> int:
+        """Key-block count up to which the sparse pattern covers (almost) every block: exact attention is used."""
+        window = self.window_blocks + 1 if is_causal else 2 * self.window_blocks + 1
+        return window + self.global_blocks + self.random_blocks
+
+
+class BigBirdState(VariantState):
+    """random_table: [max_blocks, r] uniforms in [0, 1) choosing each query block's random key blocks."""
+
+    settings_class = BigBirdSettings
+
+    def __init__(self, settings: BigBirdSettings, num_heads: int, head_dim: int, max_positions: int, seed: int):
+        super().__init__(settings, num_heads, head_dim, max_positions, seed)
+        rows = -(-max_positions // settings.block_size) + 1
+        self.register_buffer("random_table", torch.empty(rows, settings.random_blocks))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        values = torch.rand(self.random_table.shape, generator=self.generator())
+        self.random_table.copy_(values.to(self.random_table.device))
+
+    def table(self, num_blocks: int) -> torch.Tensor:
+        """The first ``num_blocks`` rows; rows past the saved table continue the same seeded stream."""
+        rows = self.random_table.shape[0]
+        if num_blocks <= rows:
+            return self.random_table[:num_blocks]
+        extra = torch.rand(num_blocks, self.settings.random_blocks, generator=self.generator(1))[rows:]
+        return torch.cat([self.random_table, extra.to(self.random_table.device)])
+
+
+def block_selection(
+    query_blocks: torch.Tensor,
+    num_key_blocks: int,
+    settings: BigBirdSettings,
+    random_table: torch.Tensor,
+    is_causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key blocks each query block attends. query_blocks [nq] (absolute block ids); random_table [>= max id + 1, r].
+
+    Returns (selected [nq, S] block ids, valid [nq, S] bool); invalid slots (out of range or duplicates) are masked.
+    """
+    w, g = settings.window_blocks, settings.global_blocks
+    device = query_blocks.device
+    qb = query_blocks[:, None]
+    after = 0 if is_causal else w
+    window = qb + torch.arange(-w, after + 1, device=device)
+    window_valid = (window >= 0) & (window < num_key_blocks)
+    lo, hi = qb - w, qb + after  # window span, inclusive
+    glob = torch.arange(g, device=device).expand(len(query_blocks), g)
+    glob_valid = (glob < num_key_blocks) & ((glob < lo) | (glob > hi))
+    # Random blocks come from [g, lo) and, when not causal, [max(hi + 1, g), num_key_blocks).
+    first_len = (lo - g).clamp_min(0)
+    second_start = torch.clamp(hi + 1, min=g)
+    second_len = torch.zeros_like(first_len) if is_causal else (num_key_blocks - second_start).clamp_min(0)
+    allowed = first_len + second_len
+    r = random_table.shape[-1]
+    strata = torch.arange(r, device=device)
+    stratum_lo = strata * allowed // r
+    stratum_hi = (strata + 1) * allowed // r
+    uniforms = random_table[query_blocks].to(device)
+    pick = stratum_lo + (uniforms * (stratum_hi - stratum_lo)).long()
+    pick = torch.minimum(pick, (stratum_hi - 1).clamp_min(0))
+    rand = torch.where(pick < first_len, g + pick, second_start + pick - first_len)
+    rand_valid = stratum_hi > stratum_lo
+    selected = torch.cat([window, glob, rand], dim=1).clamp(0, max(num_key_blocks - 1, 0))
+    valid = torch.cat([window_valid, glob_valid, rand_valid], dim=1)
+    return selected, valid
+
+
+def block_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    is_causal: bool,
+    scaling: float,
+    settings: BigBirdSettings,
+    random_table: torch.Tensor,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Functional core (always sparse). query [B, H, Lq, D] at positions Lk-Lq.., key/value [B, H, Lk, D],
+    key_mask [B, Lk] bool or None, random_table [>= number of key blocks, r]. Returns [B, H, Lq, D]."""
+    bsz, heads, lq, dim = query.shape
+    lk = key.shape[2]
+    b = settings.block_size
+    device = query.device
+    nk = -(-lk // b)
+    pad_k = nk * b - lk
+    key_valid = torch.ones(bsz, lk, dtype=torch.bool, device=device) if key_mask is None else key_mask
+    key_valid = nn.functional.pad(key_valid, (0, pad_k), value=False)  # (B, nk*b)
+    key = nn.functional.pad(key, (0, 0, 0, pad_k)).view(bsz, heads, nk, b, dim)
+    value = nn.functional.pad(value, (0, 0, 0, pad_k)).view(bsz, heads, nk, b, dim)
+
+    offset = lk - lq
+    first_qb = offset // b
+    nq = nk - first_qb
+    q_lead = offset - first_qb * b  # query rows before the first real query in its block
+    query = nn.functional.pad(query, (0, 0, q_lead, nq * b - q_lead - lq)).view(bsz, heads, nq, b, dim)
+    query_blocks = torch.arange(first_qb, nk, device=device)
+
+    selected, slot_valid = block_selection(query_blocks, nk, settings, random_table, is_causal)  # (nq, S)
+    slots = selected.shape[1]
+    keys = key[:, :, selected].reshape(bsz, heads, nq, slots * b, dim)
+    values = value[:, :, selected].reshape(bsz, heads, nq, slots * b, dim)
+    key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).reshape(nq, slots * b)
+    allowed = slot_valid.repeat_interleave(b, dim=1)[None] & key_valid[:, key_pos]  # (B, nq, S*b)
+    allowed = allowed[:, None, :, None, :]  # (B, 1, nq, 1, S*b)
+    if is_causal:
+        query_pos = query_blocks[:, None] * b + torch.arange(b, device=device)  # (nq, b)
+        allowed = allowed & (key_pos[:, None, :] <= query_pos[:, :, None])[None, None]
+
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling  # (B, H, nq, b, S*b)
+    scores = scores.masked_fill(~allowed, masked_fill_value(scores.dtype))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout > 0.0:
+        probs = nn.functional.dropout(probs, p=dropout)
+    out = torch.matmul(probs, values).view(bsz, heads, nq * b, dim)
+
+    global_rows = settings.global_blocks * b - (first_qb * b)
+    if not is_causal and global_rows > 0:
+        # Global query blocks attend every key (rows [g*b, N] only: linear in N).
+        dense_keys = key.view(bsz, heads, nk * b, dim)
+        dense_values = value.view(bsz, heads, nk * b, dim)
+        dense = exact_attention(
+            query.view(bsz, heads, nq * b, dim)[:, :, :global_rows],
+            dense_keys,
+            dense_values,
+            key_valid,
+            False,
+            scaling,
+            dropout,
+        )
+        out = torch.cat([dense, out[:, :, global_rows:]], dim=2)
+    return out[:, :, q_lead : q_lead + lq]
+
+
+def bigbird_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None)."""
+    state = state_for_module(module, BigBirdState, query)
+    key, value = expand_kv_heads(module, key, value)
+    settings = state.settings
+    is_causal = bool(getattr(module, "is_causal", False))
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    key_mask = key_padding_mask(attention_mask, key)
+    num_key_blocks = -(-key.shape[2] // settings.block_size)
+    if num_key_blocks <= settings.dense_below(is_causal):
+        logger.warning_once(
+            f"bigbird: inputs of at most {settings.dense_below(is_causal) * settings.block_size} tokens are covered "
+            "by the sparse pattern, so they use exact attention (this call only; longer inputs stay sparse)."
+        )
+        out = exact_attention(query, key, value, key_mask, is_causal, scaling, dropout)
+    else:
+        table = state.table(num_key_blocks)
+        out = block_sparse_attention(query, key, value, key_mask, is_causal, scaling, settings, table, dropout)
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,90 @@
+"""Config subclasses, one per model family, carrying the attention variant and its settings.
+
+Each adds three fields to the family's own config (as BigBird's ``attention_type`` does):
+``attention_type`` (a name from the variant registry), ``attention_settings`` (that variant's settings, defaults
+filled in and validated on construction) and ``attention_seed`` (seeds random features, rotations and blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from huggingface_hub.dataclasses import strict
+from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, RobertaConfig
+
+from .variant_registry import get_variant, resolve_settings
+
+
+@dataclasses.dataclass(kw_only=True, repr=False)
+class AttentionVariantFields:
+    """The fields every family config gains; validation runs after the family's own ``__post_init__``."""
+
+    attention_type: str = "full"
+    attention_settings: dict | None = None
+    attention_seed: int = 0
+
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
+        variant = get_variant(self.attention_type)
+        self.attention_settings = resolve_settings(self.attention_type, self.attention_settings).to_dict()
+        heads = self.num_attention_heads
+        if getattr(self, "head_dim", None) is None and self.hidden_size % heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {heads}; "
+                "choose a head count that divides it."
+            )
+        if not variant.causal and self.is_causal_family():
+            raise ValueError(
+                f"attention '{self.attention_type}' is not causal, but {self.model_type} is a decoder; "
+                "use 'performer', 'bigbird' or 'lsh' for decoders."
+            )
+
+    def is_causal_family(self) -> bool:
+        """Whether the attention of this config's models is causal (decoders, or BERT-style with is_decoder)."""
+        return bool(getattr(self, "is_decoder", False))
+
+
+class CausalFamilyFields(AttentionVariantFields):
+    def is_causal_family(self) -> bool:
+        return True
+
+
+@strict
+class AttnVariantBertConfig(AttentionVariantFields, BertConfig):
+    model_type = "attn_variant_bert"
+
+
+@strict
+class AttnVariantRobertaConfig(AttentionVariantFields, RobertaConfig):
+    model_type = "attn_variant_roberta"
+
+
+@strict
+class AttnVariantGPT2Config(CausalFamilyFields, GPT2Config):
+    model_type = "attn_variant_gpt2"
+
+
+@strict
+class AttnVariantLlamaConfig(CausalFamilyFields, LlamaConfig):
+    model_type = "attn_variant_llama"
+
+
+@strict
+class AttnVariantQwen2Config(CausalFamilyFields, Qwen2Config):
+    model_type = "attn_variant_qwen2"
+
+
+@strict
+class AttnVariantMistralConfig(CausalFamilyFields, MistralConfig):
+    model_type = "attn_variant_mistral"
+
+
+VARIANT_CONFIGS = {
+    "bert": AttnVariantBertConfig,
+    "roberta": AttnVariantRobertaConfig,
+    "gpt2": AttnVariantGPT2Config,
+    "llama": AttnVariantLlamaConfig,
+    "qwen2": AttnVariantQwen2Config,
+    "mistral": AttnVariantMistralConfig,
+}
+"""Source model_type -> its variant config class."""

@@ -1,0 +1,136 @@
+"""Linformer attention (Wang et al. 2020): keys and values projected along the sequence to length k.
+
+softmax(Q (E K)^T * scale) (F V), with E, F: [k, max_length] learned. O(N k) time and memory.
+Padded keys/values are zeroed before the projection, so their content never reaches real tokens. The method mixes
+all positions into each projected key, so it has no causal form: a causal model gets a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from .attention_common import (
+    SettingsBase,
+    VariantState,
+    expand_kv_heads,
+    key_padding_mask,
+    state_for_module,
+)
+
+SHARING_CHOICES = ("headwise", "kv", "none")
+
+
+@dataclasses.dataclass
+class LinformerSettings(SettingsBase):
+    """k: projected length; max_length: longest input (None = the model's max positions);
+    sharing: 'headwise' (E, F shared by the heads of a layer), 'kv' (one E = F per layer), 'none' (per head)."""
+
+    variant = "linformer"
+    k: int = dataclasses.field(default=256, metadata={"positive_int": True})
+    max_length: int | None = dataclasses.field(default=None)
+    sharing: str = dataclasses.field(default="headwise", metadata={"choices": SHARING_CHOICES})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length is not None and not (isinstance(self.max_length, int) and self.max_length > 0):
+            raise ValueError(
+                f"linformer setting max_length={self.max_length!r} must be a positive integer or None "
+                "(None = the model's max_position_embeddings)."
+            )
+
+
+class LinformerState(VariantState):
+    """proj_k (E) and proj_v (F): [heads or 1, k, max_length] learned sequence projections."""
+
+    settings_class = LinformerSettings
+
+    def __init__(self, settings: LinformerSettings, num_heads: int, head_dim: int, max_positions: int, seed: int):
+        super().__init__(settings, num_heads, head_dim, max_positions, seed)
+        self.max_length = settings.max_length or max_positions
+        proj_heads = num_heads if settings.sharing == "none" else 1
+        shape = (proj_heads, settings.k, self.max_length)
+        self.proj_k = nn.Parameter(torch.empty(shape))
+        self.proj_v = None if settings.sharing == "kv" else nn.Parameter(torch.empty(shape))
+
+    @classmethod
+    def for_stock_model(cls, settings, num_heads, head_dim, max_positions, seed):
+        raise ValueError(
+            "attention 'linformer' has learned projections that a stock checkpoint lacks, so it cannot be switched "
+            "on with attn_implementation='linformer'. Convert the model first: "
+            "hf_attn_variants.convert(path, attention='linformer'), then fine-tune or distil it."
+        )
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # N(0, 1/k), as in the paper's reference code; drawn on CPU so every device gets the same values.
+        std = 1.0 / math.sqrt(self.settings.k)
+        for salt, param in enumerate((self.proj_k, self.proj_v)):
+            if param is not None:
+                values = torch.randn(param.shape, generator=self.generator(salt)) * std
+                param.copy_(values.to(param.device, param.dtype))
+
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, F), each [heads or 1, k, max_length]."""
+        return self.proj_k, self.proj_k if self.proj_v is None else self.proj_v
+
+
+def linformer_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    proj_k: torch.Tensor,
+    proj_v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Functional core. query [B, H, Lq, D]; key/value [B, H, Lk, D]; proj_* [H or 1, k, >= Lk];
+    key_mask [B, Lk] bool or None. Returns (output [B, H, Lq, D], probabilities [B, H, Lq, k])."""
+    length = key.shape[2]
+    if key_mask is not None:
+        keep = key_mask[:, None, :, None].to(key.dtype)
+        key, value = key * keep, value * keep
+    proj_k = proj_k[..., :length].to(key.dtype)
+    proj_v = proj_v[..., :length].to(value.dtype)
+    key_low = torch.matmul(proj_k, key)  # (B, H, k, D)
+    value_low = torch.matmul(proj_v, value)  # (B, H, k, D)
+    scores = torch.matmul(query, key_low.transpose(-1, -2)) * scaling  # (B, H, Lq, k)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    return torch.matmul(probs, value_low), probs
+
+
+def linformer_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None)."""
+    if getattr(module, "is_causal", False):
+        raise ValueError(
+            "attention 'linformer' is not causal: its projections mix future positions into every key. "
+            "Use 'performer', 'bigbird' or 'lsh' for decoders (GPT-2, Llama, ...)."
+        )
+    state = state_for_module(module, LinformerState, query)
+    key, value = expand_kv_heads(module, key, value)
+    if key.shape[2] > state.max_length:
+        raise ValueError(
+            f"input length {key.shape[2]} exceeds this Linformer's max_length {state.max_length}. Truncate the "
+            "input, or convert again with a larger max_length (e.g. convert(..., max_length=N))."
+        )
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    proj_k, proj_v = state.projections()
+    out, _ = linformer_attention(
+        query, key, value, proj_k, proj_v, key_padding_mask(attention_mask, key), scaling, dropout
+    )
+    return out.transpose(1, 2).contiguous(), None

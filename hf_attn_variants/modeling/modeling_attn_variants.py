@@ -1,0 +1,146 @@
+"""Model subclasses of transformers' own classes, one per family and head, that run an attention variant.
+
+Nothing of transformers' modeling code is copied: each class is ``(AttentionVariantMixin, <transformers class>)``.
+The mixin (1) sets the attention implementation from ``config.attention_type`` (transformers does not save
+``attn_implementation``), (2) puts the variant's state (``attn_variant``) on every self-attention module, and
+(3) initialises that state deterministically when a checkpoint lacks it (transformers builds on the meta device,
+so new state would otherwise be uninitialised memory).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import transformers
+from transformers.models.bert.modeling_bert import BertSelfAttention
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.mistral.modeling_mistral import MistralAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
+
+from .attention_common import STATE_ATTRIBUTE, VariantState, attention_shape
+from .configuration_attn_variants import VARIANT_CONFIGS
+from .variant_registry import get_variant
+
+ATTENTION_CLASSES = {
+    "bert": (BertSelfAttention,),
+    "roberta": (RobertaSelfAttention,),
+    "gpt2": (GPT2Attention,),
+    "llama": (LlamaAttention,),
+    "qwen2": (Qwen2Attention,),
+    "mistral": (MistralAttention,),
+}
+"""Family -> the self-attention module classes that call the attention interface."""
+
+HEAD_CLASSES = {
+    "bert": (
+        "BertModel", "BertForPreTraining", "BertLMHeadModel", "BertForMaskedLM", "BertForNextSentencePrediction",
+        "BertForSequenceClassification", "BertForMultipleChoice", "BertForTokenClassification",
+        "BertForQuestionAnswering",
+    ),
+    "roberta": (
+        "RobertaModel", "RobertaForCausalLM", "RobertaForMaskedLM", "RobertaForSequenceClassification",
+        "RobertaForMultipleChoice", "RobertaForTokenClassification", "RobertaForQuestionAnswering",
+    ),
+    "gpt2": (
+        "GPT2Model", "GPT2LMHeadModel", "GPT2DoubleHeadsModel", "GPT2ForSequenceClassification",
+        "GPT2ForTokenClassification", "GPT2ForQuestionAnswering",
+    ),
+    "llama": (
+        "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaForTokenClassification",
+        "LlamaForQuestionAnswering",
+    ),
+    "qwen2": (
+        "Qwen2Model", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", "Qwen2ForTokenClassification",
+        "Qwen2ForQuestionAnswering",
+    ),
+    "mistral": (
+        "MistralModel", "MistralForCausalLM", "MistralForSequenceClassification", "MistralForTokenClassification",
+        "MistralForQuestionAnswering",
+    ),
+}
+"""Family -> the transformers classes that get a variant subclass (base model and every head)."""
+
+
+def is_variant_attention(module: torch.nn.Module, family: str) -> bool:
+    """Whether ``module`` is a self-attention module of ``family`` that the variant replaces."""
+    return isinstance(module, ATTENTION_CLASSES[family]) and not getattr(module, "is_cross_attention", False)
+
+
+def install_variant_states(model: torch.nn.Module, family: str) -> None:
+    """Attach the variant's state (``attn_variant``) to every self-attention module of ``model``."""
+    config = model.config
+    variant = get_variant(config.attention_type)
+    settings = variant.settings(**config.attention_settings)
+    heads, head_dim = attention_shape(config)
+    for module in model.modules():
+        if not is_variant_attention(module, family):
+            continue
+        if variant.state is None:
+            if hasattr(module, STATE_ATTRIBUTE):
+                delattr(module, STATE_ATTRIBUTE)
+            continue
+        seed = config.attention_seed + (module.layer_idx or 0)
+        state = variant.state(settings, heads, head_dim, config.max_position_embeddings, seed)
+        if not any(t.is_meta for t in state.state_dict().values()):
+            state.reset_parameters()
+        setattr(module, STATE_ATTRIBUTE, state)
+
+
+def _tensors_loaded(state: VariantState) -> bool:
+    return all(getattr(t, "_is_hf_initialized", False) for t in state.state_dict(keep_vars=True).values())
+
+
+class AttentionVariantMixin:
+    """Mixed in before a transformers model class; see the module docstring."""
+
+    family: str = ""
+
+    def __init__(self, config, *args, **kwargs):
+        config._attn_implementation_internal = config.attention_type
+        super().__init__(config, *args, **kwargs)
+        install_variant_states(self, self.family)
+
+    def _initialize_missing_keys(self, is_quantized: bool) -> None:
+        fresh = [m for m in self.modules() if isinstance(m, VariantState) and not _tensors_loaded(m)]
+        super()._initialize_missing_keys(is_quantized)
+        for state in fresh:
+            state.reset_parameters()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, VariantState):
+            module.reset_parameters()
+
+    def variant_states(self) -> dict[str, VariantState]:
+        """Qualified name -> variant state module, for every attention layer."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, VariantState)}
+
+
+def _make_variant_class(family: str, base_name: str) -> type:
+    base = getattr(transformers, base_name)
+    name = "AttnVariant" + base_name
+    cls = type(
+        name,
+        (AttentionVariantMixin, base),
+        {
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"{base_name} running the attention variant named in its config (attention_type).",
+            "config_class": VARIANT_CONFIGS[family],
+            "family": family,
+        },
+    )
+    setattr(sys.modules[__name__], name, cls)
+    return cls
+
+
+VARIANT_MODELS: dict[str, dict[str, type]] = {
+    family: {base_name: _make_variant_class(family, base_name) for base_name in names}
+    for family, names in HEAD_CLASSES.items()
+}
+"""Family -> transformers class name -> its variant subclass (also importable from this module by name)."""
+
+__all__ = [cls.__name__ for classes in VARIANT_MODELS.values() for cls in classes.values()]

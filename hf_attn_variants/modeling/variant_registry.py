@@ -1,0 +1,85 @@
+"""The table of attention variants and their registration with transformers' attention and mask interfaces."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+from .attention_common import SettingsBase, VariantState
+from .bigbird_attention import BigBirdSettings, BigBirdState, bigbird_attention_forward
+from .full_attention import FullSettings, full_attention_forward, full_attention_mask
+from .linformer_attention import LinformerSettings, LinformerState, linformer_attention_forward
+from .lsh_attention import LSHSettings, LSHState, lsh_attention_forward
+from .performer_attention import PerformerSettings, PerformerState, performer_attention_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One attention variant: its interface function, mask builder, settings and state classes."""
+
+    name: str
+    forward: Callable
+    mask: Callable
+    settings: type[SettingsBase]
+    state: type[VariantState] | None
+    causal: bool
+    learned: bool
+
+
+# Linear-memory variants get flash_attention_mask: a 2-D [B, Lk] padding mask (None without padding), never N x N.
+VARIANTS: dict[str, Variant] = {
+    "full": Variant("full", full_attention_forward, full_attention_mask, FullSettings, None, True, False),
+    "linformer": Variant(
+        "linformer", linformer_attention_forward, flash_attention_mask, LinformerSettings, LinformerState, False, True
+    ),
+    "performer": Variant(
+        "performer", performer_attention_forward, flash_attention_mask, PerformerSettings, PerformerState, True, False
+    ),
+    "bigbird": Variant(
+        "bigbird", bigbird_attention_forward, flash_attention_mask, BigBirdSettings, BigBirdState, True, False
+    ),
+    "lsh": Variant("lsh", lsh_attention_forward, flash_attention_mask, LSHSettings, LSHState, True, False),
+}
+
+
+def get_variant(name: str) -> Variant:
+    """The variant called ``name``, or a ValueError listing the known ones."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown attention variant {name!r}; choose one of {sorted(VARIANTS)}.")
+    return VARIANTS[name]
+
+
+def resolve_settings(name: str, settings: dict[str, Any] | None) -> SettingsBase:
+    """Validated settings of variant ``name`` from a plain dict (defaults filled in).
+
+    A key belonging to another variant gets an error that says so, instead of a bare 'unexpected keyword'.
+    """
+    variant = get_variant(name)
+    settings = dict(settings or {})
+    known = {f.name for f in dataclasses.fields(variant.settings)}
+    for key in settings:
+        if key in known:
+            continue
+        owners = [
+            other.name
+            for other in VARIANTS.values()
+            if key in {f.name for f in dataclasses.fields(other.settings)}
+        ]
+        hint = f" It is a setting of {', '.join(owners)}." if owners else ""
+        allowed = f"Settings of {name}: {sorted(known)}." if known else f"'{name}' takes no settings."
+        raise ValueError(f"unknown setting {key!r} for attention '{name}'.{hint} {allowed}")
+    return variant.settings(**settings)
+
+
+def register_variants() -> None:
+    """Register every variant under its name in AttentionInterface and AttentionMaskInterface (idempotent)."""
+    for variant in VARIANTS.values():
+        AttentionInterface.register(variant.name, variant.forward)
+        AttentionMaskInterface.register(variant.name, variant.mask)
+
+
+register_variants()
