@@ -19,6 +19,14 @@ from .attention_common import SettingsBase, VariantState, expand_kv_heads, key_p
 
 KERNELS = ("softmax", "relu")
 RELU_EPSILON = 1e-3
+# A normaliser below this means every key that matters to the query underflowed (huge logits): the row is left at
+# ~0 (its numerator) instead of 0/0, which keeps outputs and gradients finite without biasing ordinary rows.
+NORMALISER_FLOOR = 1e-12
+
+
+def normalise(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, with underflowed rows (denominator < NORMALISER_FLOOR) divided by 1 instead."""
+    return numerator / denominator.masked_fill(denominator < NORMALISER_FLOOR, 1.0)
 
 
 @dataclasses.dataclass
@@ -121,7 +129,7 @@ def performer_attention(
         norm = phi_k.sum(-2)  # (B, H, m)
         numerator = torch.matmul(phi_q, state)
         denominator = torch.matmul(phi_q, norm.unsqueeze(-1))
-        return (numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny)).to(out_dtype)
+        return normalise(numerator, denominator).to(out_dtype)
     return causal_prefix_attention(phi_q, key, value, features, valid, scaling, kernel, chunk_size).to(out_dtype)
 
 
@@ -189,7 +197,7 @@ def causal_prefix_attention(
         if state is not None:
             numerator = numerator + torch.matmul(q, state)
             denominator = denominator + torch.matmul(q, norm.unsqueeze(-1))
-        outputs.append(numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny))
+        outputs.append(normalise(numerator, denominator))
         chunk_state = torch.matmul(phi_k.transpose(-1, -2), value[:, :, lo:hi])
         chunk_norm = phi_k.sum(-2)
         state = chunk_state if state is None else state + chunk_state

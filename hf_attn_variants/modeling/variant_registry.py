@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from .attention_common import SettingsBase, VariantState
@@ -82,4 +82,29 @@ def register_variants() -> None:
         AttentionMaskInterface.register(variant.name, variant.mask)
 
 
+def install_backend_guard() -> None:
+    """Make ``attn_implementation=<variant>`` fail clearly on models that do not call the attention interface.
+
+    transformers accepts any registered name for any model; one whose attention does not go through
+    AttentionInterface (BigBird, Reformer, ...) would silently keep its own attention. Idempotent.
+    """
+    original = PreTrainedModel.get_correct_attn_implementation
+    if getattr(original, "_hf_attn_variants_guard", False):
+        return
+
+    def guarded(self, requested_attention, is_init_check=False):
+        if requested_attention in VARIANTS and not self.is_backend_compatible():
+            raise ValueError(
+                f"{type(self).__name__} does not route its attention through transformers' AttentionInterface, "
+                f"so attn_implementation='{requested_attention}' would be silently ignored. Use a model that does "
+                "(BERT, RoBERTa, GPT-2, Llama, Qwen2, Mistral) or convert one with hf_attn_variants.convert()."
+            )
+        return original(self, requested_attention, is_init_check)
+
+    guarded._hf_attn_variants_guard = True
+    guarded.__doc__ = original.__doc__
+    PreTrainedModel.get_correct_attn_implementation = guarded
+
+
 register_variants()
+install_backend_guard()
