@@ -67,7 +67,9 @@ def test_variant_state_is_deterministic_when_a_stock_checkpoint_is_loaded_into_a
     states_a, states_b = first.variant_states(), second.variant_states()
     assert states_a and states_a.keys() == states_b.keys()
     for name in states_a:
-        for (key, a), (_, b) in zip(states_a[name].state_dict().items(), states_b[name].state_dict().items()):
+        tensors_b = states_b[name].state_dict()
+        for key, a in states_a[name].state_dict().items():
+            b = tensors_b[key]
             assert torch.equal(a, b), f"{name}.{key}"
             assert a.abs().max() < 100, f"{name}.{key} looks uninitialised"
 
