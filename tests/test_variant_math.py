@@ -241,3 +241,16 @@ def test_sparse_variants_find_the_keys_that_matter(name):
 
     trivial = relative(v.mean(2, keepdim=True).expand_as(expected))
     assert relative(APPROXIMATIONS[name](q, k, v, None, False)) < 0.35 * trivial
+
+
+@pytest.mark.parametrize("length", [N, 20])
+def test_linformer_default_folding_is_exact_up_to_k_tokens_with_padding(length):
+    from hf_attn_variants.modeling.linformer_attention import position_folding
+
+    q, k, v = qkv(length)
+    mask = right_padding(length, pad=7)
+    folding = position_folding(64, 128)[None]  # k = 64 >= length, max_length 128
+    out, _ = linformer_attention(q, k, v, folding, folding, mask, SCALE)
+    expected = reference(q, k, v, mask)
+    torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1, :, : length - 7], expected[1, :, : length - 7], atol=1e-5, rtol=0)
