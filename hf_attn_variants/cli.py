@@ -1,4 +1,8 @@
-"""Command line: ``hf-attn-variants convert SRC DST --attention NAME [--set key=value ...] [--max-positions N]``."""
+"""Command line.
+
+``hf-attn-variants convert SRC DST --attention NAME [--set key=value ...] [--max-positions N] [--overwrite]``
+``hf-attn-variants demo [--sentences N] [--passages N] [--length N]``
+"""
 
 from __future__ import annotations
 
@@ -40,6 +44,12 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per workflow."""
     parser = argparse.ArgumentParser(prog="hf-attn-variants", description=__doc__)
@@ -53,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--seed", type=int, default=0, help="seed of random features/rotations/blocks")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     convert.set_defaults(run=_convert)
+    demo = commands.add_parser("demo", help="convert the real all-MiniLM-L6-v2 to every variant; fidelity and speed")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="options of hf_attn_variants.demo (see --help)")
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -197,7 +197,10 @@ def convert_model(
             if key.endswith(POSITION_EMBEDDING_KEYS):
                 state[key] = extend_position_embeddings(state[key], new_positions, front)
     dtype = next(source_model.parameters()).dtype
-    model = VARIANT_MODELS[family][stock_name](config).to(dtype)
+    init_kwargs = {}
+    if hasattr(source_model, "pooler") and source_model.pooler is None:  # BertModel(add_pooling_layer=False)
+        init_kwargs["add_pooling_layer"] = False
+    model = VARIANT_MODELS[family][stock_name](config, **init_kwargs).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     lost = [key for key in missing if f".{STATE_ATTRIBUTE}." not in key]
     if lost or unexpected:
