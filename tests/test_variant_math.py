@@ -9,7 +9,7 @@ import torch
 
 from hf_attn_variants.modeling.bigbird_attention import BigBirdSettings, block_sparse_attention
 from hf_attn_variants.modeling.linformer_attention import linformer_attention
-from hf_attn_variants.modeling.lsh_attention import LSHSettings, lsh_attention, windowed_lsh_attention
+from hf_attn_variants.modeling.lsh_attention import LSHSettings, lsh_attention
 from hf_attn_variants.modeling.performer_attention import orthogonal_gaussian, performer_attention
 
 B, H, N, D = 2, 2, 50, 16
@@ -53,8 +53,7 @@ def run_bigbird(q, k, v, key_mask, causal, settings, seed=0):
 def run_lsh(q, k, v, key_mask, causal, settings, seed=0, windows_only=False):
     shape = (settings.num_hashes, D, max(settings.num_buckets // 2, 1))
     rotations = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    function = windowed_lsh_attention if windows_only else lsh_attention
-    return function(q, k, v, rotations, key_mask, causal, SCALE, settings)
+    return lsh_attention(q, k, v, rotations, key_mask, causal, SCALE, settings, exact_when_covered=not windows_only)
 
 
 def run_performer(q, k, v, key_mask, causal, m=256, seed=0, chunk=16, kernel="softmax"):
@@ -254,3 +253,55 @@ def test_linformer_default_folding_is_exact_up_to_k_tokens_with_padding(length):
     expected = reference(q, k, v, mask)
     torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1, :, : length - 7], expected[1, :, : length - 7], atol=1e-5, rtol=0)
+
+
+def lsh_reference(q, k, v, rotations, key_mask, causal, settings):
+    """LSH's definition, densely (N x N masks; small N only): each query attends its positional window and the
+    `c` same-bucket keys nearest it in (bucket, position) order; rounds combined by log-sum-exp."""
+    from hf_attn_variants.modeling.lsh_attention import hash_buckets, local_window_start
+
+    lq, lk = q.shape[2], k.shape[2]
+    c = min(settings.bucket_size, lk)
+    q_pos = torch.arange(lk - lq, lk)
+    start = local_window_start(q_pos, key_mask, lk, c, causal)  # (B or 1, Lq)
+    keys = torch.arange(lk)
+    local = (keys >= start[..., None]) & (keys < start[..., None] + c)  # (B or 1, Lq, Lk)
+    real = torch.ones(B, lk, dtype=torch.bool) if key_mask is None else key_mask
+    outs, lses = [], []
+    for rotation in rotations:
+        qb = hash_buckets(q, rotation, settings.num_buckets)
+        kb = hash_buckets(k, rotation, settings.num_buckets).masked_fill(~real[:, None], settings.num_buckets)
+        allowed = torch.zeros(B, H, lq, lk, dtype=torch.bool)
+        for b in range(B):
+            for h in range(H):
+                for i in range(lq):
+                    same = [j for j in range(lk) if kb[b, h, j] == qb[b, h, i]]  # in position order
+                    before = [j for j in same if j <= q_pos[i]]
+                    if causal:
+                        window = before[-c:]
+                    else:
+                        first = max(min(len(before) - c // 2, len(same) - c), 0)
+                        window = same[first : first + c]
+                    allowed[b, h, i, window] = True
+        allowed = (allowed & ~local[:, None]) | (local[:, None] & real[:, None, None, :])
+        if causal:
+            allowed = allowed & (keys[None, :] <= q_pos[:, None])
+        scores = (q @ k.transpose(-1, -2) * SCALE).masked_fill(~allowed, float("-inf"))
+        lses.append(torch.logsumexp(scores, -1))
+        outs.append(torch.softmax(scores, -1) @ v)
+    weights = torch.softmax(torch.stack(lses), 0).unsqueeze(-1)
+    return (torch.stack(outs) * weights).sum(0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_blocked_computation_matches_its_definition(seed, causal):
+    """The block/span computation (with its per-query fallback) against the dense definition, padding included."""
+    q, k, v = qkv(seed=seed)
+    mask = right_padding(pad=9)
+    settings = LSHSettings(bucket_size=6, num_hashes=2, num_buckets=4)
+    rotations = torch.randn(2, D, 2, generator=torch.Generator().manual_seed(seed))
+    out = lsh_attention(q, k, v, rotations, mask, causal, SCALE, settings)
+    expected = lsh_reference(q, k, v, rotations, mask, causal, settings)
+    torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, :, : N - 9], expected[1, :, : N - 9], atol=1e-5, rtol=1e-5)

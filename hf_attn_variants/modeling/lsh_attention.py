@@ -7,7 +7,8 @@ the c most recent ones), and the c keys nearest in position (when causal: the c 
 Sliding windows replace Reformer's fixed chunk boundaries, which move when later tokens arrive (past outputs would
 depend on the future); the positional window keeps inputs of N <= c tokens exact and
 guarantees every query a key. Rounds are combined by log-sum-exp. Padded keys get a bucket past all real ones, so
-padding never moves real tokens. Queries are processed in slices (checkpointed when training): memory O(N c).
+padding never moves real tokens. Both windows are computed by blocks of queries against contiguous key spans
+(positional, and in hash-sorted order): memory O(N c), matrix products instead of per-query gathers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import dataclasses
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention_common import (
     SettingsBase,
@@ -28,8 +28,6 @@ from .attention_common import (
     masked_fill_value,
     state_for_module,
 )
-
-GATHER_BUDGET = 1 << 24  # elements of gathered keys per query slice ([B, H, slice, 2c, D]): 64 MiB in fp32
 
 
 @dataclasses.dataclass
@@ -75,90 +73,144 @@ def hash_buckets(x: torch.Tensor, rotation: torch.Tensor, num_buckets: int) -> t
     return torch.cat([projected, -projected], dim=-1).argmax(dim=-1)
 
 
-def _attend_slice(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_index: torch.Tensor,
-    allowed: torch.Tensor,
-    scaling: float,
-    dropout: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """query [B, H, n, D]; key/value [B, H, Lk, D]; key_index/allowed [B, H, n, K] (key positions).
-    Returns (softmax output [B, H, n, D], log-normaliser [B, H, n])."""
-    bsz, heads, n, width = key_index.shape
-    lk, dim = key.shape[2], key.shape[3]
-    # Row gather on the flattened keys: ((b * H + h) * Lk + index) picks key rows without expanding over D.
-    base = torch.arange(bsz * heads, device=key.device).view(bsz, heads, 1, 1) * lk
-    rows = (key_index + base).reshape(-1)
-    keys = key.reshape(-1, dim)[rows].view(bsz, heads, n, width, dim)
-    values = value.reshape(-1, dim)[rows].view(bsz, heads, n, width, dim)
-    scores = torch.matmul(keys, query.unsqueeze(-1)).squeeze(-1).float() * scaling  # (B, H, n, K)
-    scores = scores.masked_fill(~allowed, masked_fill_value(scores.dtype))
+def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype, dropout: float):
+    """Masked softmax over the last dim of scores [..., K]; returns (probabilities in ``dtype``, lse [...])."""
+    scores = scores.float().masked_fill(~allowed, masked_fill_value(torch.float32))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).to(query.dtype)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).to(dtype)
     if dropout > 0.0:
         probs = nn.functional.dropout(probs, p=dropout)
-    return torch.matmul(probs.unsqueeze(-2), values).squeeze(-2), lse
+    return probs, lse
 
 
-def local_window(
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D], index [B, H, ...] of positions along L -> [B, H, ..., D] (row gather, no expand over D)."""
+    bsz, heads, length, dim = x.shape
+    base = torch.arange(bsz * heads, device=x.device).view(bsz, heads, *([1] * (index.dim() - 2))) * length
+    return x.reshape(-1, dim)[(index + base).reshape(-1)].view(*index.shape, dim)
+
+
+def _blocks(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, H, L, ...] -> [B, H, ceil(L / width), width, ...], zero-padded at the end."""
+    pad = -x.shape[2] % width
+    if pad:
+        x = torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2)
+    return x.view(*x.shape[:2], -1, width, *x.shape[3:])
+
+
+def local_window_start(
     q_pos: torch.Tensor, key_mask: torch.Tensor | None, lk: int, width: int, is_causal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key positions of each query's positional window and their validity, both [B or 1, Lq, width].
+) -> torch.Tensor:
+    """First key position of each query's positional window [B or 1, Lq]; the window is [start, start + width).
 
     Causal: the ``width`` positions ending at the query. Otherwise centred on the query, then shifted to lie inside
     the span of real keys (so width >= real length covers every key, and padding never shifts a window).
     """
     if is_causal:
-        first = (q_pos - width + 1).unsqueeze(0)
+        return (q_pos - width + 1).unsqueeze(0)
+    positions = torch.arange(lk, device=q_pos.device)
+    if key_mask is None:
+        lo, hi = positions.new_zeros(1), positions.new_full((1,), lk)
     else:
-        if key_mask is None:
-            lo = torch.zeros(1, dtype=torch.long, device=q_pos.device)
-            hi = torch.full((1,), lk, dtype=torch.long, device=q_pos.device)
-        else:
-            positions = torch.arange(lk, device=q_pos.device)
-            lo = torch.where(key_mask, positions, lk).amin(-1)
-            hi = torch.where(key_mask, positions + 1, 0).amax(-1)
-        upper = torch.maximum(hi - width, lo).unsqueeze(-1)
-        first = torch.maximum(torch.minimum(q_pos - width // 2, upper), lo.unsqueeze(-1))
-    index = first.unsqueeze(-1) + torch.arange(width, device=q_pos.device)
-    valid = (index >= 0) & (index < lk)
-    index = index.clamp(0, lk - 1)
+        lo = torch.where(key_mask, positions, lk).amin(-1)
+        hi = torch.where(key_mask, positions + 1, 0).amax(-1)
+    upper = torch.maximum(hi - width, lo).unsqueeze(-1)
+    return torch.maximum(torch.minimum(q_pos - width // 2, upper), lo.unsqueeze(-1))
+
+
+def local_attention(query, key, value, key_mask, q_pos, start, width, scaling, dropout):
+    """Softmax over each query's positional window, computed by query blocks of ``width`` against the 3 * width
+    keys around each block (every window lies in [p - width, p + width]). Returns (out [B, H, Lq, D], lse)."""
+    bsz, heads, lq, _ = query.shape
+    lk = key.shape[2]
+    device = query.device
+    q_blocks = _blocks(query, width)  # (B, H, nb, w, D)
+    nb = q_blocks.shape[2]
+    block_first = torch.cat([q_pos, q_pos.new_full((nb * width - lq,), lk)])[::width]  # first position per block
+    span = block_first.unsqueeze(-1) - width + torch.arange(3 * width, device=device)  # (nb, 3w) key positions
+    span_ok = (span >= 0) & (span < lk)
+    span = span.clamp(0, lk - 1)
+    keys = key[:, :, span]  # (B, H, nb, 3w, D)
+    values = value[:, :, span]
+    starts = _blocks(start.expand(bsz, lq).unsqueeze(1), width).squeeze(1)  # (B, nb, w)
+    allowed = (span[None, :, None, :] >= starts.unsqueeze(-1)) & (span[None, :, None, :] < starts.unsqueeze(-1) + width)
+    allowed = allowed & span_ok[None, :, None, :]
     if key_mask is not None:
-        valid = valid & key_mask.gather(-1, index.expand(key_mask.shape[0], -1, -1).flatten(1)).view(
-            key_mask.shape[0], *index.shape[1:]
-        )
-    return index, valid
+        allowed = allowed & key_mask[:, span].unsqueeze(2)
+    scores = torch.matmul(q_blocks, keys.transpose(-1, -2)) * scaling  # (B, H, nb, w, 3w)
+    probs, lse = _masked_softmax(scores, allowed.unsqueeze(1), value.dtype, dropout)
+    out = torch.matmul(probs, values)  # (B, H, nb, w, D)
+    return out.reshape(bsz, heads, nb * width, -1)[:, :, :lq], lse.reshape(bsz, heads, nb * width)[:, :, :lq]
 
 
-def bucket_window(
-    query_bucket: torch.Tensor,
-    key_bucket: torch.Tensor,
-    q_pos: torch.Tensor,
-    width: int,
-    is_causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key positions of the ``width`` same-bucket keys nearest each query in (bucket, position) order.
+def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_start, width, is_causal, scaling,
+                     dropout):
+    """Softmax over each query's bucket window: the ``width`` same-bucket keys nearest it in (bucket, position)
+    order (causal: the most recent ones), minus keys already in its positional window. Returns (out, lse).
 
-    query_bucket [B, H, Lq], key_bucket [B, H, Lk]. Returns (positions [B, H, Lq, width], valid [B, H, Lq, width]).
+    Queries are sorted by where their window starts and handled in blocks of ``width`` against the 2 * width sorted
+    keys from the block's first window; the rare query whose window reaches past that span is computed alone.
     """
-    lk = key_bucket.shape[-1]
-    codes, order = (key_bucket * lk + torch.arange(lk, device=key_bucket.device)).sort(dim=-1)
+    bsz, heads, lq, dim = query.shape
+    lk = key.shape[2]
+    device = query.device
+    codes, order = (key_bucket * lk + torch.arange(lk, device=device)).sort(dim=-1)
     bucket_start = torch.searchsorted(codes, query_bucket * lk)
     bucket_end = torch.searchsorted(codes, (query_bucket + 1) * lk)
-    insert = torch.searchsorted(codes, query_bucket * lk + q_pos, right=True)  # past keys of the bucket end here
+    insert = torch.searchsorted(codes, query_bucket * lk + q_pos, right=True)  # same-bucket keys at <= query
     if is_causal:
         first = insert - width
+        upper = insert
     else:  # centred, then shifted to stay inside the bucket where it can
         first = torch.maximum(torch.minimum(insert - width // 2, bucket_end - width), bucket_start)
-    sorted_index = first.unsqueeze(-1) + torch.arange(width, device=codes.device)
-    valid = (sorted_index >= bucket_start.unsqueeze(-1)) & (sorted_index < bucket_end.unsqueeze(-1))
-    if is_causal:
-        valid = valid & (sorted_index < insert.unsqueeze(-1))
-    index = sorted_index.clamp(0, lk - 1)
-    positions = order.gather(-1, index.flatten(2)).view_as(index)
-    return positions, valid
+        upper = bucket_end
+    lower = torch.maximum(first, bucket_start)  # window: sorted index in [lower, upper_final)
+    upper = torch.minimum(first + width, upper)
+    local = local_start.expand(bsz, lq).unsqueeze(1).expand(bsz, heads, lq)
+
+    # Sort queries by window start; blocks of `width` queries share a span of 2 * width sorted keys.
+    query_order = (lower.clamp_min(0) * lq + torch.arange(lq, device=device)).argsort(dim=-1)
+    per_query = torch.stack([lower, upper, local], dim=-1).gather(2, query_order.unsqueeze(-1).expand(-1, -1, -1, 3))
+    nb = -(-lq // width)
+    padded = nb * width
+    per_query = _blocks(per_query, width)  # (B, H, nb, w, 3); padding rows have lower = upper = 0: all masked
+    s_lower, s_upper, s_local = per_query.unbind(-1)
+    span_start = s_lower[:, :, :, 0].clamp(0, max(lk - 2 * width, 0))  # (B, H, nb)
+    raw_span = span_start.unsqueeze(-1) + torch.arange(2 * width, device=device)  # (B, H, nb, 2w) sorted indices
+    span = raw_span.clamp_max(lk - 1)
+    span_pos = order.gather(-1, span.flatten(2)).view_as(span)  # key positions of the span
+    keys = _gather_rows(key, span_pos)  # (B, H, nb, 2w, D)
+    values = _gather_rows(value, span_pos)
+    q_sorted = _blocks(_gather_rows(query, query_order), width)  # (B, H, nb, w, D)
+    idx = raw_span.unsqueeze(-2)  # (B, H, nb, 1, 2w); past-the-end slots exceed every upper bound
+    pos = span_pos.unsqueeze(-2)
+    allowed = (idx >= s_lower.unsqueeze(-1)) & (idx < s_upper.unsqueeze(-1))
+    allowed = allowed & ((pos < s_local.unsqueeze(-1)) | (pos >= s_local.unsqueeze(-1) + width))
+    scores = torch.matmul(q_sorted, keys.transpose(-1, -2)) * scaling  # (B, H, nb, w, 2w)
+    probs, lse = _masked_softmax(scores, allowed, value.dtype, dropout)
+    out = torch.matmul(probs, values)  # (B, H, nb, w, D)
+    out, lse = out.reshape(bsz, heads, padded, dim)[:, :, :lq], lse.reshape(bsz, heads, padded)[:, :, :lq]
+
+    # Queries whose window does not fit in their block's span: gather their own keys.
+    span_end = (span_start + 2 * width).unsqueeze(-1).expand(-1, -1, -1, width).reshape(bsz, heads, padded)[:, :, :lq]
+    overflow = s_upper.reshape(bsz, heads, padded)[:, :, :lq] > span_end
+    if bool(overflow.any()):
+        b, h, i = overflow.nonzero(as_tuple=True)
+        lo_i = s_lower.reshape(bsz, heads, padded)[b, h, i]
+        window = lo_i.unsqueeze(-1) + torch.arange(width, device=device)  # (n, w) sorted indices
+        w_pos = order[b.unsqueeze(-1), h.unsqueeze(-1), window.clamp_max(lk - 1)]
+        local_i = s_local.reshape(bsz, heads, padded)[b, h, i].unsqueeze(-1)
+        ok = window < s_upper.reshape(bsz, heads, padded)[b, h, i].unsqueeze(-1)
+        ok = ok & ((w_pos < local_i) | (w_pos >= local_i + width))
+        q_i = _gather_rows(query, query_order)[b, h, i]  # (n, D)
+        k_i, v_i = key[b.unsqueeze(-1), h.unsqueeze(-1), w_pos], value[b.unsqueeze(-1), h.unsqueeze(-1), w_pos]
+        scores_i = torch.matmul(k_i, q_i.unsqueeze(-1)).squeeze(-1) * scaling
+        probs_i, lse_i = _masked_softmax(scores_i, ok, value.dtype, dropout)
+        out_i = torch.matmul(probs_i.unsqueeze(-2), v_i).squeeze(-2)
+        out = out.index_put((b, h, i), out_i)
+        lse = lse.index_put((b, h, i), lse_i)
+    inverse = query_order.argsort(dim=-1)
+    return _gather_rows(out, inverse), lse.gather(-1, inverse)
 
 
 def lsh_attention(
@@ -171,60 +223,34 @@ def lsh_attention(
     scaling: float,
     settings: LSHSettings,
     dropout: float = 0.0,
+    exact_when_covered: bool = True,
 ) -> torch.Tensor:
     """Functional core. query [B, H, Lq, D] at positions Lk-Lq..; key/value [B, H, Lk, D]; rotations
-    [R, D, n/2]; key_mask [B, Lk] bool or None. Returns [B, H, Lq, D]."""
+    [R, D, n/2]; key_mask [B, Lk] bool or None. Returns [B, H, Lq, D].
+
+    exact_when_covered: inputs of at most bucket_size keys, which the positional window alone covers, go straight
+    to exact attention (the same result, computed densely); False forces the windows (for tests).
+    """
     lk = key.shape[2]
-    if lk <= settings.bucket_size:  # the positional window alone covers every key: this *is* exact attention
+    if exact_when_covered and lk <= settings.bucket_size:
         return exact_attention(query, key, value, key_mask, is_causal, scaling, dropout)
-    return windowed_lsh_attention(query, key, value, rotations, key_mask, is_causal, scaling, settings, dropout)
-
-
-def windowed_lsh_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    rotations: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    is_causal: bool,
-    scaling: float,
-    settings: LSHSettings,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """The windows themselves (lsh_attention minus its exact short-input path); same arguments and result."""
-    bsz, heads, lq, _ = query.shape
-    lk = key.shape[2]
-    q_pos = torch.arange(lk - lq, lk, device=query.device)
     width = min(settings.bucket_size, lk)
-    local_index, local_valid = local_window(q_pos, key_mask, lk, width, is_causal)  # (B or 1, Lq, w)
-    local_lo, local_hi = local_index[:, None, :, :1], local_index[:, None, :, -1:]  # span, to skip duplicates
-    local_index = local_index.unsqueeze(1).expand(bsz, heads, lq, width)
-    local_valid = local_valid.unsqueeze(1).expand(bsz, heads, lq, width)
+    q_pos = torch.arange(lk - query.shape[2], lk, device=query.device)
+    local_start = local_window_start(q_pos, key_mask, lk, width, is_causal)
+    out_local, lse_local = local_attention(query, key, value, key_mask, q_pos, local_start, width, scaling, dropout)
     outputs, lses = [], []
     for rotation in rotations:
         key_bucket = hash_buckets(key, rotation, settings.num_buckets)
         if key_mask is not None:  # padded keys sort after every real one and match no query
             key_bucket = key_bucket.masked_fill(~key_mask[:, None, :], settings.num_buckets)
         query_bucket = hash_buckets(query, rotation, settings.num_buckets)
-        bucket_index, bucket_valid = bucket_window(query_bucket, key_bucket, q_pos, width, is_causal)
-        in_local = (bucket_index >= local_lo) & (bucket_index <= local_hi)
-        key_index = torch.cat([local_index, bucket_index], dim=-1)
-        allowed = torch.cat([local_valid, bucket_valid & ~in_local], dim=-1)
-        slice_outputs, slice_lses = [], []
-        step = max(1, GATHER_BUDGET // (bsz * heads * 2 * width * query.shape[-1]))
-        for lo in range(0, lq, step):
-            part = slice(lo, lo + step)
-            args = (query[:, :, part], key, value, key_index[:, :, part], allowed[:, :, part], scaling, dropout)
-            if torch.is_grad_enabled() and lq > step:
-                out, lse = checkpoint(_attend_slice, *args, use_reentrant=False)
-            else:
-                out, lse = _attend_slice(*args)
-            slice_outputs.append(out)
-            slice_lses.append(lse)
-        outputs.append(torch.cat(slice_outputs, dim=2))
-        lses.append(torch.cat(slice_lses, dim=2))
+        out_bucket, lse_bucket = bucket_attention(
+            query, key, value, query_bucket, key_bucket, q_pos, local_start, width, is_causal, scaling, dropout
+        )
+        outputs.append(log_sum_exp_combine([out_local, out_bucket], [lse_local, lse_bucket]))
+        lses.append(torch.logaddexp(lse_local, lse_bucket))
     if len(outputs) == 1:
-        return outputs[0]
+        return outputs[0].to(query.dtype)
     return log_sum_exp_combine(outputs, lses).to(query.dtype)
 
 
