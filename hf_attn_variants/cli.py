@@ -1,6 +1,7 @@
 """Command line.
 
 ``hf-attn-variants convert SRC DST --attention NAME [--set key=value ...] [--max-positions N] [--overwrite]``
+``hf-attn-variants push FOLDER --repo-id ORG/NAME [--private] [--dry-run]``
 ``hf-attn-variants demo [--sentences N] [--passages N] [--length N]``
 """
 
@@ -38,9 +39,25 @@ def _convert(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         progress=True,
+        base_model=args.base_model,
         **parse_settings(args.set),
     )
     print(f"saved {args.attention} model to {args.destination}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import PushError, push
+
+    try:
+        plan = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
+    except PushError as err:
+        raise ValueError(str(err)) from None
+    if args.dry_run:
+        print("dry run: nothing was uploaded; this commit would be sent:")
+        print(plan.describe())
+    else:
+        print(f"uploaded {len(plan.operations)} files to https://huggingface.co/{args.repo_id}")
     return 0
 
 
@@ -62,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-positions", type=int, default=None, help="lengthen learned positions to N")
     convert.add_argument("--seed", type=int, default=0, help="seed of random features/rotations/blocks")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    convert.add_argument("--base-model", default=None, help="name of the source on the model card (e.g. a Hub id)")
     convert.set_defaults(run=_convert)
+    push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
+    push.add_argument("folder", help="saved model folder")
+    push.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--dry-run", action="store_true", help="list the files and commit; touch no network")
+    push.set_defaults(run=_push)
     demo = commands.add_parser("demo", help="convert the real all-MiniLM-L6-v2 to every variant; fidelity and speed")
     demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="options of hf_attn_variants.demo (see --help)")
     demo.set_defaults(run=_demo)

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from transformers import logging as hf_logging
 
 from .atomic_io import atomic_output_dir, check_output_dir
+from .hub import source_card_facts, write_model_card
 from .modeling import VARIANT_CONFIGS, VARIANT_MODELS, get_variant, resolve_settings
 from .modeling.attention_common import STATE_ATTRIBUTE
 
@@ -130,6 +131,7 @@ def convert(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
+    base_model: str | None = None,
     **variant_settings: Any,
 ) -> PreTrainedModel:
     """Convert ``source`` (a folder, a Hub id when online, or a loaded model) to attention ``attention``.
@@ -160,10 +162,20 @@ def convert(
     model = convert_model(source_model, attention, settings, max_position_embeddings, seed)
     steps.update(1)
     if output_dir is not None:
+        source_name = source if isinstance(source, str) else getattr(source_model, "name_or_path", None) or None
         with atomic_output_dir(output_dir, overwrite) as tmp:
             model.save_pretrained(tmp)
             if isinstance(source, str):
                 _copy_tokenizer(source, tmp)
+            card = source_card_facts(source_name)
+            base = base_model or card.get("base_model")
+            settings_text = ", ".join(f"{k}={v}" for k, v in settings.items()) or "no settings"
+            write_model_card(
+                tmp, model.config, type(model).__name__, base_model=base, license=card.get("license"),
+                source_positions=source_model.config.max_position_embeddings, repo_id=Path(output_dir).name,
+                history=[f"converted from {base} to '{attention}' ({settings_text}, seed {seed}) with "
+                         "hf_attn_variants"],
+            )
     steps.update(1)
     steps.close()
     return model

@@ -50,7 +50,7 @@ def fidelity_table(sentences: int = 300, passages: int = 24) -> list[dict]:
     rows = []
     for label, variant, settings in FIDELITY_ROWS:
         start = time.perf_counter()
-        model = convert(path, attention=variant, **settings).eval()
+        model = convert(path, attention=variant, **settings).eval()  # in memory; the CLI/API save with a card
         row = {"variant": label}
         for name, t in texts.items():
             cosine = embedding_cosine(reference[name], mean_pooled_embeddings(model, tokenizer, t))

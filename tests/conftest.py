@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -129,3 +134,61 @@ def gpt2_with_tokenizer(tmp_path_factory) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LOADER = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockPackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "hf_attn_variants":
+                raise ImportError("hf_attn_variants is not installed here")
+
+    sys.meta_path.insert(0, BlockPackage())
+    sys.path = [p for p in sys.path if p.rstrip("/") not in ("", REPO_ROOT)]
+    try:
+        import hf_attn_variants  # noqa: F401
+        raise SystemExit("hf_attn_variants is importable: the test would prove nothing")
+    except ImportError:
+        pass
+
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    jobs = json.load(open(sys.argv[1]))
+    outputs, classes = {}, {}
+    for job in jobs:
+        auto = getattr(transformers, job["auto"])
+        model = auto.from_pretrained(job["folder"], trust_remote_code=True).eval()
+        ids = torch.tensor(job["ids"])
+        mask = torch.tensor(job["mask"])
+        with torch.no_grad():
+            outputs[job["name"]] = model(input_ids=ids, attention_mask=mask).logits.contiguous()
+        classes[job["name"]] = [type(model).__module__, type(model).__name__, model.config._attn_implementation]
+    save_file(outputs, sys.argv[2])
+    json.dump(classes, open(sys.argv[3], "w"))
+    """
+).replace("REPO_ROOT", repr(REPO_ROOT))
+
+
+def load_without_package(tmp_path, jobs: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """Load each job's folder with trust_remote_code=True in a fresh Python process in which hf_attn_variants
+    cannot be imported; returns {name: logits} and {name: [module, class name, attn implementation]}.
+
+    A job: {"name", "folder", "auto" (Auto class name), "ids", "mask" (nested lists)}.
+    """
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "load.py").write_text(LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "load.py"), str(tmp_path / "jobs.json"), str(tmp_path / "out.safetensors"),
+         str(tmp_path / "classes.json")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(str(tmp_path / "out.safetensors")), json.loads((tmp_path / "classes.json").read_text())

@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForMultipleChoice,
-    AutoModelForNextSentencePrediction,
-    AutoModelForPreTraining,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
+import transformers
+from transformers import AutoConfig
 
 from .configuration_attn_variants import VARIANT_CONFIGS
-from .modeling_attn_variants import VARIANT_MODELS
-
-AUTO_CLASS_BY_SUFFIX = (
-    ("ForSequenceClassification", AutoModelForSequenceClassification),
-    ("ForTokenClassification", AutoModelForTokenClassification),
-    ("ForQuestionAnswering", AutoModelForQuestionAnswering),
-    ("ForMultipleChoice", AutoModelForMultipleChoice),
-    ("ForNextSentencePrediction", AutoModelForNextSentencePrediction),
-    ("ForPreTraining", AutoModelForPreTraining),
-    ("ForMaskedLM", AutoModelForMaskedLM),
-    ("ForCausalLM", AutoModelForCausalLM),
-    ("LMHeadModel", AutoModelForCausalLM),
-    ("Model", AutoModel),
-)
-"""Class-name suffix -> Auto class (first match wins; GPT2DoubleHeadsModel has no Auto class)."""
+from .modeling_attn_variants import VARIANT_MODELS, auto_class_name
 
 
 def auto_class_for(class_name: str):
     """The Auto class a transformers model class name belongs to, or None."""
-    if class_name.endswith("DoubleHeadsModel"):
-        return None
-    for suffix, auto_class in AUTO_CLASS_BY_SUFFIX:
-        if class_name.endswith(suffix):
-            return auto_class
-    return None
+    name = auto_class_name(class_name)
+    return None if name is None else getattr(transformers, name)
 
 
 def register_auto_classes() -> None:

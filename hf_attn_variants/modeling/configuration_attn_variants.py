@@ -22,6 +22,7 @@ class AttentionVariantFields:
     attention_type: str = "full"
     attention_settings: dict | None = None
     attention_seed: int = 0
+    _auto_class = "AutoConfig"  # save_pretrained copies this code next to config.json
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)

@@ -64,6 +64,39 @@ HEAD_CLASSES = {
 """Family -> the transformers classes that get a variant subclass (base model and every head)."""
 
 
+AUTO_CLASS_BY_SUFFIX = (
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ("ForMultipleChoice", "AutoModelForMultipleChoice"),
+    ("ForNextSentencePrediction", "AutoModelForNextSentencePrediction"),
+    ("ForPreTraining", "AutoModelForPreTraining"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+    ("Model", "AutoModel"),
+)
+"""Class-name suffix -> name of its Auto class (first match wins; GPT2DoubleHeadsModel has none)."""
+
+
+def auto_class_name(class_name: str) -> str | None:
+    """The name of the Auto class a transformers model class belongs to, or None."""
+    if class_name.endswith("DoubleHeadsModel"):
+        return None
+    return next((auto for suffix, auto in AUTO_CLASS_BY_SUFFIX if class_name.endswith(suffix)), None)
+
+
+def family_auto_map(family: str) -> dict[str, str]:
+    """config.json ``auto_map`` of a family: AutoConfig and every Auto class -> 'module.Class' in the saved code."""
+    config_class = VARIANT_CONFIGS[family]
+    auto_map = {"AutoConfig": f"{config_class.__module__.split('.')[-1]}.{config_class.__name__}"}
+    for base_name in HEAD_CLASSES[family]:
+        auto = auto_class_name(base_name)
+        if auto is not None and auto not in auto_map:
+            auto_map[auto] = f"{__name__.split('.')[-1]}.AttnVariant{base_name}"
+    return auto_map
+
+
 def is_variant_attention(module: torch.nn.Module, family: str) -> bool:
     """Whether ``module`` is a self-attention module of ``family`` that the variant replaces."""
     return isinstance(module, ATTENTION_CLASSES[family]) and not getattr(module, "is_cross_attention", False)
@@ -114,6 +147,12 @@ class AttentionVariantMixin:
         if isinstance(module, VariantState):
             module.reset_parameters()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, plus the modeling code (this flat folder) and a complete ``auto_map``, so
+        the folder loads with ``trust_remote_code=True`` where hf_attn_variants is not installed."""
+        self.config.auto_map = family_auto_map(self.family)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def variant_states(self) -> dict[str, VariantState]:
         """Qualified name -> variant state module, for every attention layer."""
         return {name: m for name, m in self.named_modules() if isinstance(m, VariantState)}
@@ -131,6 +170,7 @@ def _make_variant_class(family: str, base_name: str) -> type:
             "__doc__": f"{base_name} running the attention variant named in its config (attention_type).",
             "config_class": VARIANT_CONFIGS[family],
             "family": family,
+            "_auto_class": auto_class_name(base_name) or "AutoModel",  # makes save_pretrained copy this code
         },
     )
     setattr(sys.modules[__name__], name, cls)

@@ -1,0 +1,46 @@
+"""Saved folders carry flat modeling code + auto_map and load with trust_remote_code=True in a fresh process in
+which hf_attn_variants cannot be imported: same class behaviour and identical outputs, every family and variant."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from conftest import (
+    CAUSAL_EFFICIENT,
+    DECODER_FAMILIES,
+    EFFICIENT,
+    FAMILIES,
+    batch_with_padding,
+    load_without_package,
+    tiny_model,
+)
+
+import hf_attn_variants as hv
+
+
+def test_every_family_and_variant_loads_as_remote_code_without_the_package(tmp_path):
+    ids, mask = batch_with_padding(length=30)
+    jobs, expected = [], {}
+    for family in FAMILIES:
+        variants = ("full", *(CAUSAL_EFFICIENT if family in DECODER_FAMILIES else EFFICIENT))
+        auto = "AutoModelForCausalLM" if family in DECODER_FAMILIES else "AutoModelForMaskedLM"
+        for variant in variants:
+            name = f"{family}-{variant}"
+            folder = tmp_path / name
+            model = hv.convert(tiny_model(family), attention=variant, output_dir=folder, base_model="tiny")
+            with torch.no_grad():
+                expected[name] = model(input_ids=ids, attention_mask=mask).logits
+            saved = sorted(os.listdir(folder))
+            assert "modeling_attn_variants.py" in saved and f"{variant}_attention.py" in saved
+            assert json.load(open(folder / "config.json"))["auto_map"][auto].startswith("modeling_attn_variants.")
+            jobs.append({"name": name, "folder": str(folder), "auto": auto, "ids": ids.tolist(),
+                         "mask": mask.tolist()})
+    outputs, classes = load_without_package(tmp_path, jobs)
+    assert sorted(outputs) == sorted(expected)
+    for name, logits in expected.items():
+        module, class_name, implementation = classes[name]
+        assert module.startswith("transformers_modules.") and class_name.startswith("AttnVariant")
+        assert implementation == name.split("-", 1)[1]
+        assert torch.equal(outputs[name], logits), name
