@@ -88,6 +88,11 @@ def key_padding_mask(attention_mask: torch.Tensor | None, key: torch.Tensor) -> 
     return mask
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax/feature arithmetic runs in: at least fp32 (bf16/fp16 are upcast), float64 kept."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def masked_fill_value(dtype: torch.dtype) -> float:
     """A large finite negative logit: fully masked rows give a uniform softmax instead of NaN."""
     return torch.finfo(dtype).min / 2

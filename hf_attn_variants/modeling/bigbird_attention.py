@@ -19,6 +19,7 @@ from transformers.utils import logging
 from .attention_common import (
     SettingsBase,
     VariantState,
+    compute_dtype,
     exact_attention,
     expand_kv_heads,
     key_padding_mask,
@@ -153,7 +154,7 @@ def block_sparse_attention(
 
     scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling  # (B, H, nq, b, S*b)
     scores = scores.masked_fill(~allowed, masked_fill_value(scores.dtype))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(query.dtype)
     if dropout > 0.0:
         probs = nn.functional.dropout(probs, p=dropout)
     out = torch.matmul(probs, values).view(bsz, heads, nq * b, dim)

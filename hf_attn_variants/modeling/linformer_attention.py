@@ -22,6 +22,7 @@ from torch import nn
 from .attention_common import (
     SettingsBase,
     VariantState,
+    compute_dtype,
     expand_kv_heads,
     key_padding_mask,
     masked_fill_value,
@@ -124,7 +125,7 @@ def linformer_attention(
     row_weight = weight_k.transpose(-1, -2)  # (B, H or 1, 1, k)
     scores = scores + torch.log(row_weight.clamp_min(tiny))
     scores = scores.masked_fill(row_weight == 0, masked_fill_value(scores.dtype))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(query.dtype)
     if dropout > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     return torch.matmul(probs, value_low), probs

@@ -21,6 +21,7 @@ from torch import nn
 from .attention_common import (
     SettingsBase,
     VariantState,
+    compute_dtype,
     exact_attention,
     expand_kv_heads,
     key_padding_mask,
@@ -69,15 +70,16 @@ def hash_buckets(x: torch.Tensor, rotation: torch.Tensor, num_buckets: int) -> t
     """Angular LSH bucket ids. x [B, H, L, D], rotation [D, n/2] -> [B, H, L] int64 in [0, num_buckets)."""
     if num_buckets == 1:
         return torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
-    projected = torch.matmul(x.float(), rotation.float())
+    projected = torch.matmul(x.to(compute_dtype(x.dtype)), rotation.to(compute_dtype(x.dtype)))
     return torch.cat([projected, -projected], dim=-1).argmax(dim=-1)
 
 
 def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype, dropout: float):
     """Masked softmax over the last dim of scores [..., K]; returns (probabilities in ``dtype``, lse [...])."""
-    scores = scores.float().masked_fill(~allowed, masked_fill_value(torch.float32))
+    scores = scores.to(compute_dtype(scores.dtype))
+    scores = scores.masked_fill(~allowed, masked_fill_value(scores.dtype))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).to(dtype)
+    probs = (torch.exp(scores - lse.unsqueeze(-1)) * allowed).to(dtype)  # a row with no allowed key gives 0
     if dropout > 0.0:
         probs = nn.functional.dropout(probs, p=dropout)
     return probs, lse

@@ -122,6 +122,44 @@ def install_variant_states(model: torch.nn.Module, family: str) -> None:
         setattr(module, STATE_ATTRIBUTE, state)
 
 
+def _length_error(length: int, limit: int) -> ValueError:
+    return ValueError(
+        f"the input needs {length} positions, but this model has learned positions for {limit} only. Truncate the "
+        "input, or lengthen the context: hf_attn_variants.convert(model, ..., max_position_embeddings=N) tiles "
+        "the learned positions."
+    )
+
+
+def _check_embedding_length(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on BERT/RoBERTa embeddings: a clear error instead of a shape error deep in torch."""
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None or kwargs.get("position_ids") is not None:
+        return
+    length = tokens.shape[1] + int(kwargs.get("past_key_values_length", 0) or 0)
+    table = module.position_embeddings.num_embeddings
+    limit = table - (module.padding_idx + 1 if hasattr(module, "create_position_ids_from_input_ids") else 0)
+    if length > min(limit, module.token_type_ids.shape[1] if hasattr(module, "token_type_ids") else limit):
+        raise _length_error(length, limit)
+
+
+def _check_position_ids(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook on GPT-2's position embedding: a clear error instead of an index error deep in torch."""
+    position_ids = args[0]
+    if position_ids.numel() and int(position_ids.max()) >= module.num_embeddings:
+        raise _length_error(int(position_ids.max()) + 1, module.num_embeddings)
+
+
+def install_length_checks(model: torch.nn.Module, family: str) -> None:
+    """Make inputs longer than the learned absolute positions fail with a message naming the fix."""
+    base = model.base_model
+    if family in ("bert", "roberta"):
+        base.embeddings.register_forward_pre_hook(_check_embedding_length, with_kwargs=True)
+    elif family == "gpt2":
+        base.wpe.register_forward_pre_hook(_check_position_ids)
+
+
 def _tensors_loaded(state: VariantState) -> bool:
     return all(getattr(t, "_is_hf_initialized", False) for t in state.state_dict(keep_vars=True).values())
 
@@ -135,6 +173,7 @@ class AttentionVariantMixin:
         config._attn_implementation_internal = config.attention_type
         super().__init__(config, *args, **kwargs)
         install_variant_states(self, self.family)
+        install_length_checks(self, self.family)
 
     def _initialize_missing_keys(self, is_quantized: bool) -> None:
         fresh = [m for m in self.modules() if isinstance(m, VariantState) and not _tensors_loaded(m)]

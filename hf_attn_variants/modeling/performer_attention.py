@@ -15,7 +15,14 @@ import math
 import torch
 from torch import nn
 
-from .attention_common import SettingsBase, VariantState, expand_kv_heads, key_padding_mask, state_for_module
+from .attention_common import (
+    SettingsBase,
+    VariantState,
+    compute_dtype,
+    expand_kv_heads,
+    key_padding_mask,
+    state_for_module,
+)
 
 KERNELS = ("softmax", "relu")
 RELU_EPSILON = 1e-3
@@ -86,8 +93,8 @@ class PerformerState(VariantState):
 
 def feature_logits(x: torch.Tensor, features: torch.Tensor, scaling: float) -> torch.Tensor:
     """log of the unnormalised softmax-kernel features: W x' - |x'|^2/2. x [..., L, D] -> [..., L, m] (fp32)."""
-    x = x.float() * math.sqrt(scaling)
-    return torch.matmul(x, features.float().T) - 0.5 * (x * x).sum(-1, keepdim=True)
+    x = x.to(compute_dtype(x.dtype)) * math.sqrt(scaling)
+    return torch.matmul(x, features.to(x.dtype).T) - 0.5 * (x * x).sum(-1, keepdim=True)
 
 
 def query_features(query: torch.Tensor, features: torch.Tensor, scaling: float, kernel: str) -> torch.Tensor:
@@ -99,8 +106,8 @@ def query_features(query: torch.Tensor, features: torch.Tensor, scaling: float, 
 
 
 def relu_features(x: torch.Tensor, features: torch.Tensor, scaling: float) -> torch.Tensor:
-    x = x.float() * math.sqrt(scaling)
-    return torch.relu(torch.matmul(x, features.float().T)) / math.sqrt(features.shape[0]) + RELU_EPSILON
+    x = x.to(compute_dtype(x.dtype)) * math.sqrt(scaling)
+    return torch.relu(torch.matmul(x, features.to(x.dtype).T)) / math.sqrt(features.shape[0]) + RELU_EPSILON
 
 
 def performer_attention(
@@ -121,7 +128,7 @@ def performer_attention(
     """
     out_dtype = query.dtype
     phi_q = query_features(query, features, scaling, kernel)  # (B, H, Lq, m)
-    value = value.float()
+    value = value.to(compute_dtype(value.dtype))
     valid = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, Lk, 1)
     if not is_causal:
         phi_k, _ = key_features(key, features, scaling, kernel, valid, None)
