@@ -15,9 +15,9 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers import logging as hf_logging
 
-from .atomic_io import atomic_output_dir, check_output_dir
 from .hub import source_card_facts, write_model_card
 from .modeling import VARIANT_CONFIGS, VARIANT_MODELS, get_variant, resolve_settings
+from .modeling.atomic_io import atomic_output_dir, check_output_dir
 from .modeling.attention_common import STATE_ATTRIBUTE
 
 ABSOLUTE_POSITION_FAMILIES = {"bert": 0, "roberta": None, "gpt2": 0}

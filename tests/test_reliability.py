@@ -241,7 +241,7 @@ def test_a_conversion_killed_midway_leaves_no_destination_and_the_source_intact(
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert process.stdout.readline().strip() == "saving"
     temporary = [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".converted.tmp-")]
-    assert temporary and (temporary[0] / "model.safetensors").exists()  # killed mid-write, really
+    assert any((p / "model.safetensors").exists() for p in temporary)  # killed mid-write, really
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     assert not destination.exists()
@@ -291,3 +291,30 @@ def test_32k_token_forward_of_every_linear_memory_variant_fits_in_24_gib():
     assert result.returncode == 0, result.stderr[-2000:]
     peak_kib = int(result.stdout.split()[-1])
     assert peak_kib < 24 * 1024 * 1024, f"peak RSS {peak_kib / 2**20:.1f} GiB"
+
+
+def test_save_pretrained_is_atomic_and_keeps_unrelated_files(tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    model = hv.convert(tiny_model("bert"), attention="lsh")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"stale shard")
+    original = (folder / "model.safetensors").read_bytes()
+
+    real_save = PreTrainedModel.save_pretrained
+
+    def crash_midway(self, directory, *args, **kwargs):
+        real_save(self, directory, *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        hv.convert(tiny_model("bert", seed=1), attention="lsh").save_pretrained(folder)
+    assert (folder / "model.safetensors").read_bytes() == original, "a failed save changed the saved model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "temporary folder left behind"
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
+    hv.convert(tiny_model("bert", seed=1), attention="lsh").save_pretrained(folder)
+    assert (folder / "model.safetensors").read_bytes() != original
+    assert (folder / "trainer_state.json").exists() and not (folder / "model-00002-of-00002.safetensors").exists()

@@ -20,6 +20,7 @@ from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 
+from .atomic_io import atomic_save_dir
 from .attention_common import STATE_ATTRIBUTE, VariantState, attention_shape
 from .configuration_attn_variants import VARIANT_CONFIGS
 from .variant_registry import get_variant
@@ -188,9 +189,11 @@ class AttentionVariantMixin:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save_pretrained, plus the modeling code (this flat folder) and a complete ``auto_map``, so
-        the folder loads with ``trust_remote_code=True`` where hf_attn_variants is not installed."""
+        the folder loads with ``trust_remote_code=True`` where hf_attn_variants is not installed. Written to a
+        temporary folder first and moved into place (see atomic_io.atomic_save_dir): never half-written."""
         self.config.auto_map = family_auto_map(self.family)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        with atomic_save_dir(save_directory) as tmp:
+            return super().save_pretrained(tmp, *args, **kwargs)
 
     def variant_states(self) -> dict[str, VariantState]:
         """Qualified name -> variant state module, for every attention layer."""

@@ -46,3 +46,37 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+WEIGHT_FILE_PREFIXES = ("model", "pytorch_model", "adapter_model")
+
+
+@contextlib.contextmanager
+def atomic_save_dir(save_directory: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary folder for ``save_pretrained``; on success its files land in ``save_directory``.
+
+    A new folder appears in one rename. An existing one gets each file by an atomic replace (other files in it,
+    such as training checkpoints, stay), and weight files the new save no longer has are removed, as
+    transformers does; a crash before that leaves the previous save whole.
+    """
+    final = Path(save_directory).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield str(tmp)
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+        written = {p.name for p in tmp.iterdir()}
+        for stale in final.iterdir():
+            is_weights = stale.name.startswith(WEIGHT_FILE_PREFIXES) and stale.suffix in (".safetensors", ".json")
+            if stale.is_file() and is_weights and stale.name not in written and stale.name != "config.json":
+                stale.unlink()
+        for item in tmp.iterdir():
+            target = final / item.name
+            if item.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
