@@ -184,7 +184,7 @@ def state_for_module(module: torch.nn.Module, state_class: type[VariantState], l
     ``attn_implementation=NAME`` has none: a parameter-free variant then builds its default state from the seed
     (kept outside the state dict, so saving the stock model is unchanged); a learned one raises.
     """
-    state = getattr(module, STATE_ATTRIBUTE, None)
+    state = unwrap_trainable_copy(getattr(module, STATE_ATTRIBUTE, None))
     if state is not None:
         if not isinstance(state, state_class):
             raise ValueError(
@@ -206,6 +206,18 @@ def state_for_module(module: torch.nn.Module, state_class: type[VariantState], l
     if state_buffers_device(state) != like.device:
         state.to(like.device)
     return state
+
+
+def unwrap_trainable_copy(state: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The state module to compute with when PEFT wrapped it (LoRA with ``modules_to_save=["attn_variant"]``):
+    the active adapter's trainable copy, or the original when adapters are disabled. Duck-typed: no peft import."""
+    copies = getattr(state, "modules_to_save", None)
+    if copies is None:
+        return state
+    active = [name for name in getattr(state, "active_adapters", []) if name in copies]
+    if getattr(state, "disable_adapters", False) or not active:
+        return state.original_module
+    return copies[active[0]]
 
 
 def state_buffers_device(state: torch.nn.Module) -> torch.device | None:
