@@ -1,6 +1,7 @@
 """Command line.
 
 ``hf-attn-variants convert SRC DST --attention NAME [--set key=value ...] [--max-positions N] [--overwrite]``
+``hf-attn-variants finetune RECIPE.yaml [--output-dir DIR]``
 ``hf-attn-variants push FOLDER --repo-id ORG/NAME [--private] [--dry-run]``
 ``hf-attn-variants demo [--sentences N] [--passages N] [--length N]``
 """
@@ -61,6 +62,16 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import run_finetune
+    from .recipes import load_recipe
+
+    overrides = {"output_dir": args.output_dir} if args.output_dir else None
+    metrics = run_finetune(load_recipe(args.recipe, overrides))
+    print(yaml.safe_dump({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -81,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     convert.add_argument("--base-model", default=None, help="name of the source on the model card (e.g. a Hub id)")
     convert.set_defaults(run=_convert)
+    finetune = commands.add_parser("finetune", help="fine-tune with Trainer from a YAML recipe (configs/)")
+    finetune.add_argument("recipe", help="YAML recipe")
+    finetune.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
+    finetune.set_defaults(run=_finetune)
     push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
     push.add_argument("folder", help="saved model folder")
     push.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
