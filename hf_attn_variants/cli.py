@@ -2,6 +2,7 @@
 
 ``hf-attn-variants convert SRC DST --attention NAME [--set key=value ...] [--max-positions N] [--overwrite]``
 ``hf-attn-variants finetune RECIPE.yaml [--output-dir DIR]``
+``hf-attn-variants distill RECIPE.yaml [--output-dir DIR]``
 ``hf-attn-variants push FOLDER --repo-id ORG/NAME [--private] [--dry-run]``
 ``hf-attn-variants demo [--sentences N] [--passages N] [--length N]``
 """
@@ -72,6 +73,16 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from .distill import run_distill
+    from .recipes import load_recipe
+
+    overrides = {"output_dir": args.output_dir} if args.output_dir else None
+    metrics = run_distill(load_recipe(args.recipe, overrides))
+    print(yaml.safe_dump({k: round(v, 4) for k, v in metrics.items()}))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -96,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("recipe", help="YAML recipe")
     finetune.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
     finetune.set_defaults(run=_finetune)
+    distill = commands.add_parser("distill", help="distil a converted model from the original (YAML recipe)")
+    distill.add_argument("recipe", help="YAML recipe with a distill section")
+    distill.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
+    distill.set_defaults(run=_distill)
     push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
     push.add_argument("folder", help="saved model folder")
     push.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")

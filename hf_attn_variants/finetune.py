@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
@@ -29,6 +30,7 @@ AUTO_CLASS = {
     "token-classification": AutoModelForTokenClassification,
     "masked-lm": AutoModelForMaskedLM,
     "causal-lm": AutoModelForCausalLM,
+    "feature-extraction": AutoModel,
 }
 METRICS_DIR = Path(__file__).parent / "metrics"
 
@@ -106,7 +108,7 @@ def tokenize(recipe: Recipe, data, tokenizer):
 
     columns = data["train"].column_names
     tokenized = data.map(encode, batched=True, remove_columns=columns)
-    if task == "sequence-classification":
+    if task in ("sequence-classification", "feature-extraction"):
         collator = DataCollatorWithPadding(tokenizer)
     elif task == "token-classification":
         collator = DataCollatorForTokenClassification(tokenizer)

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-TASKS = ("sequence-classification", "token-classification", "masked-lm", "causal-lm")
+TASKS = ("sequence-classification", "token-classification", "masked-lm", "causal-lm", "feature-extraction")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,178 @@
+"""Distil a converted (student) model from its original full-attention (teacher) model with Trainer.
+
+Stage 1, attention transfer (as LoLCATs does): only the attention is trained -- the variant's own learned state
+(Linformer projections), plus the attention projections (query/key/value) or LoRA on them -- to match each layer's
+self-attention output of the teacher (MSE over real tokens). Stage 2: the whole model (or LoRA) learns to match the
+teacher's outputs: KL divergence of temperature-softened logits (models with a head) plus MSE of every hidden state.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, Trainer
+
+from .modeling.modeling_attn_variants import is_variant_attention
+
+ATTENTION_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn")
+
+
+def _family(model: PreTrainedModel) -> str:
+    return model.config.model_type.removeprefix("attn_variant_")
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention modules of a (possibly PEFT- or DDP-wrapped) model, in layer order."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP
+        inner = inner.module
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    family = _family(base)
+    return [m for m in base.modules() if is_variant_attention(m, family)]
+
+
+@contextmanager
+def capture_attention_outputs(model: torch.nn.Module):
+    """Collect each self-attention module's output [B, L, hidden] during forwards inside the block."""
+    captured: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+               for m in attention_modules(model)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def select_trainable(model: torch.nn.Module, stage: int, train: str) -> int:
+    """Set requires_grad for a stage; returns the number of trainable parameters.
+
+    stage 1: the variant's state, plus the attention projections when ``train`` is 'attention' (LoRA parameters,
+    when the model has them, stay trainable). stage 2: everything ('all') or LoRA + variant state ('lora').
+    """
+    count = 0
+    for name, param in model.named_parameters():
+        is_lora = "lora_" in name
+        in_state = ".attn_variant." in name
+        is_projection = name.split(".")[-2] in ATTENTION_PROJECTIONS  # e.g. ...attention.self.query.weight
+        if stage == 1:
+            wanted = in_state or is_lora or (train == "attention" and is_projection)
+        else:
+            wanted = train == "all" or is_lora or in_state
+        param.requires_grad_(wanted)
+        count += param.numel() if wanted else 0
+    if count == 0:
+        raise ValueError(f"stage {stage} with train={train!r} leaves nothing to train; use train: attention or lora.")
+    return count
+
+
+def _real_token_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    squared = (student.float() - teacher.float()).pow(2).mean(-1)  # (B, L)
+    if mask is None:
+        return squared.mean()
+    mask = mask.to(squared.dtype)
+    return (squared * mask).sum() / mask.sum().clamp_min(1)
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss is the distillation loss of ``stage`` against a frozen ``teacher``."""
+
+    def __init__(self, *args: Any, teacher: PreTrainedModel, stage: int = 1, temperature: float = 2.0,
+                 kl_weight: float = 1.0, hidden_weight: float = 1.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.stage, self.temperature = stage, temperature
+        self.kl_weight, self.hidden_weight = kl_weight, hidden_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        mask = inputs.get("attention_mask")
+        self.teacher.to(next(model.parameters()).device)
+        if self.stage == 1:
+            with torch.no_grad(), capture_attention_outputs(self.teacher) as teacher_outputs:
+                self.teacher(**inputs)
+            with capture_attention_outputs(model) as student_outputs:
+                outputs = model(**inputs)
+            losses = [_real_token_mse(s, t, mask) for s, t in zip(student_outputs, teacher_outputs, strict=True)]
+            loss = torch.stack(losses).mean()
+        else:
+            with torch.no_grad():
+                teacher_out = self.teacher(**inputs, output_hidden_states=True)
+            outputs = model(**inputs, output_hidden_states=True)
+            hidden = torch.stack([_real_token_mse(s, t, mask) for s, t in
+                                  zip(outputs.hidden_states[1:], teacher_out.hidden_states[1:], strict=True)]).mean()
+            loss = self.hidden_weight * hidden
+            if getattr(outputs, "logits", None) is not None:
+                t = self.temperature
+                kl = F.kl_div(F.log_softmax(outputs.logits.float() / t, -1), F.log_softmax(
+                    teacher_out.logits.float() / t, -1), log_target=True, reduction="none").sum(-1)
+                if mask is not None and kl.dim() == 2:
+                    kl = (kl * mask).sum() / mask.sum().clamp_min(1)
+                loss = loss + self.kl_weight * kl.mean() * t * t
+        return (loss, outputs) if return_outputs else loss
+
+
+def run_distill(recipe) -> dict[str, float]:
+    """Distil per the recipe's ``distill`` section; saves output_dir/final (card updated) and returns metrics:
+    mean embedding cosine to the teacher on the validation texts before and after, and seconds per stage."""
+    import time
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from .evaluation import embedding_cosine, mean_pooled_embeddings
+    from .finetune import AUTO_CLASS, load_text_datasets, prepare_model_folder, save_result, tokenize
+
+    options = dict(recipe.distill or {})
+    stages = options.pop("stages", [1, 2])
+    folder = prepare_model_folder(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    auto = AUTO_CLASS[recipe.task]
+    student = auto.from_pretrained(folder)
+    teacher = auto.from_pretrained(options.pop("teacher", recipe.model))
+    if recipe.lora:
+        from .lora import add_lora
+
+        student = add_lora(student, **recipe.lora)
+    data = load_text_datasets(recipe)
+    tokenized, collator = tokenize(recipe, data, tokenizer)
+    texts = data["validation" if "validation" in data else "train"][recipe.data.text_column]
+
+    def fidelity(model) -> float:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        kwargs = {"max_length": recipe.data.max_length}
+        reference = mean_pooled_embeddings(teacher, tokenizer, texts, **kwargs)
+        candidate = mean_pooled_embeddings(base.eval(), tokenizer, texts, **kwargs)
+        return embedding_cosine(reference, candidate).mean().item()
+
+    metrics = {"cosine_before": fidelity(student)}
+    trainer = None
+    for stage in stages:
+        train = options.get(f"train_stage{stage}", "attention" if stage == 1 else "all")
+        select_trainable(student, stage, train)
+        arguments = {"output_dir": recipe.output_dir, "report_to": [], "seed": recipe.seed, "save_strategy": "no",
+                     "use_cpu": not torch.cuda.is_available(), "logging_steps": 10, "remove_unused_columns": False,
+                     **recipe.training, **options.get(f"stage{stage}_training", {})}
+        trainer = DistillationTrainer(
+            model=student, args=TrainingArguments(**arguments), train_dataset=tokenized["train"],
+            data_collator=collator, processing_class=tokenizer, teacher=teacher, stage=stage,
+            temperature=options.get("temperature", 2.0), kl_weight=options.get("kl_weight", 1.0),
+            hidden_weight=options.get("hidden_weight", 1.0),
+        )
+        start = time.perf_counter()
+        trainer.train()
+        metrics[f"stage{stage}_seconds"] = time.perf_counter() - start
+        metrics[f"cosine_after_stage{stage}"] = fidelity(student)
+        student.train()
+    metrics["cosine_after"] = metrics[f"cosine_after_stage{stages[-1]}"] if stages else metrics["cosine_before"]
+    if trainer is not None:
+        student.requires_grad_(True)
+        card_metrics = {"eval_cosine_to_teacher": metrics["cosine_after"]}
+        recipe.metrics = [*recipe.metrics, "cosine_to_teacher"]
+        save_result(recipe, trainer, card_metrics, f"distilled from {Path(str(recipe.model)).name} "
+                    f"(stages {stages}; cosine to teacher {metrics['cosine_before']:.4f} -> "
+                    f"{metrics['cosine_after']:.4f})")
+    return metrics
