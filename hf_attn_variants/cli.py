@@ -3,6 +3,7 @@
 ``hf-attn-variants convert SRC DST --attention NAME [--set key=value ...] [--max-positions N] [--overwrite]``
 ``hf-attn-variants finetune RECIPE.yaml [--output-dir DIR]``
 ``hf-attn-variants distill RECIPE.yaml [--output-dir DIR]``
+``hf-attn-variants prune SRC DST [--heads 0.25] [--ffn 0.25] [--magnitude 0.5] [--data FILE]``
 ``hf-attn-variants push FOLDER --repo-id ORG/NAME [--private] [--dry-run]``
 ``hf-attn-variants demo [--sentences N] [--passages N] [--length N]``
 """
@@ -83,6 +84,19 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from .prune import run_prune
+
+    texts = None
+    if args.data:
+        with open(args.data) as f:
+            texts = [line.strip() for line in f if line.strip()]
+    report = run_prune(args.source, args.destination, head_fraction=args.heads, ffn_fraction=args.ffn,
+                       magnitude=args.magnitude, texts=texts, overwrite=args.overwrite)
+    print(yaml.safe_dump(report, sort_keys=False))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -111,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("recipe", help="YAML recipe with a distill section")
     distill.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
     distill.set_defaults(run=_distill)
+    prune = commands.add_parser("prune", help="remove unimportant attention heads and FFN neurons")
+    prune.add_argument("source", help="saved hf_attn_variants model folder")
+    prune.add_argument("destination", help="output folder (written atomically)")
+    prune.add_argument("--heads", type=float, default=0.25, help="fraction of attention heads to remove")
+    prune.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons to remove per layer")
+    prune.add_argument("--magnitude", type=float, default=0.0, help="then zero this fraction of each matrix")
+    prune.add_argument("--data", default=None, help="text file (one example per line) to score importance on")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    prune.set_defaults(run=_prune)
     push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
     push.add_argument("folder", help="saved model folder")
     push.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")

@@ -159,6 +159,10 @@ class VariantState(torch.nn.Module):
     def reset_parameters(self) -> None:
         """(Re)initialise the state deterministically from the seed."""
 
+    def prune_heads(self, keep_heads: list[int]) -> None:
+        """Keep only the heads ``keep_heads`` (per-head state is sliced; shared state is unchanged)."""
+        self.num_heads = len(keep_heads)
+
     def extra_repr(self) -> str:
         return f"{self.settings}, heads={self.num_heads}, head_dim={self.head_dim}, seed={self.seed}"
 

@@ -22,6 +22,9 @@ class AttentionVariantFields:
     attention_type: str = "full"
     attention_settings: dict | None = None
     attention_seed: int = 0
+    heads_per_layer: list[int] | None = None  # set by pruning: query heads kept in each layer
+    intermediate_per_layer: list[int] | None = None  # set by pruning: FFN neurons kept in each layer
+    pruned_heads: dict | None = None  # set by pruning: {layer: [original head indices removed]}
     _auto_class = "AutoConfig"  # save_pretrained copies this code next to config.json
 
     def __post_init__(self, **kwargs) -> None:
@@ -34,6 +37,10 @@ class AttentionVariantFields:
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {heads}; "
                 "choose a head count that divides it."
             )
+        for name in ("heads_per_layer", "intermediate_per_layer"):
+            sizes = getattr(self, name)
+            if sizes is not None and (len(sizes) != self.num_hidden_layers or min(sizes) < 1):
+                raise ValueError(f"{name}={sizes} needs one positive size per layer ({self.num_hidden_layers}).")
         if not variant.causal and self.is_causal_family():
             raise ValueError(
                 f"attention '{self.attention_type}' is not causal, but {self.model_type} is a decoder; "

@@ -79,6 +79,14 @@ class LinformerState(VariantState):
             if param is not None:
                 param.copy_(folding.expand_as(param).to(param.device, param.dtype))
 
+    def prune_heads(self, keep_heads: list[int]) -> None:
+        super().prune_heads(keep_heads)
+        if self.proj_k.shape[0] > 1:  # sharing="none": one projection per head
+            index = torch.tensor(keep_heads, device=self.proj_k.device)
+            self.proj_k = nn.Parameter(self.proj_k.detach()[index].clone())
+            if self.proj_v is not None:
+                self.proj_v = nn.Parameter(self.proj_v.detach()[index].clone())
+
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(E, F), each [heads or 1, k, max_length]."""
         return self.proj_k, self.proj_k if self.proj_v is None else self.proj_v

@@ -23,6 +23,7 @@ from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 from .atomic_io import atomic_save_dir
 from .attention_common import STATE_ATTRIBUTE, VariantState, attention_shape
 from .configuration_attn_variants import VARIANT_CONFIGS
+from .pruned_shapes import apply_config_shapes
 from .variant_registry import get_variant
 
 ATTENTION_CLASSES = {
@@ -174,6 +175,8 @@ class AttentionVariantMixin:
         config._attn_implementation_internal = config.attention_type
         super().__init__(config, *args, **kwargs)
         install_variant_states(self, self.family)
+        if config.heads_per_layer is not None or config.intermediate_per_layer is not None:
+            apply_config_shapes(self, self.family)
         install_length_checks(self, self.family)
 
     def _initialize_missing_keys(self, is_quantized: bool) -> None:
