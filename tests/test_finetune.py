@@ -140,7 +140,17 @@ DISTRIBUTED_JOB = textwrap.dedent("""
     from hf_attn_variants.finetune import build_trainer
     from hf_attn_variants.recipes import load_recipe
 
-    trainer = build_trainer(load_recipe(sys.argv[1]))
+    recipe = load_recipe(sys.argv[1])
+    if recipe.distill:  # the distillation trainer, stage 1, on the same data
+        from hf_attn_variants.distill import DistillationTrainer, select_trainable
+        from transformers import AutoModelForSequenceClassification
+        teacher = AutoModelForSequenceClassification.from_pretrained(recipe.model, num_labels=recipe.num_labels)
+        probe = build_trainer(recipe)
+        select_trainable(probe.model, 1, "attention")
+        trainer = DistillationTrainer(model=probe.model, args=probe.args, train_dataset=probe.train_dataset,
+                                      data_collator=probe.data_collator, teacher=teacher, stage=1)
+    else:
+        trainer = build_trainer(recipe)
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
@@ -151,22 +161,31 @@ DISTRIBUTED_JOB = textwrap.dedent("""
 """)
 
 
-def test_two_process_training_keeps_ranks_identical_and_lowers_the_loss(bert_with_tokenizer, tmp_path):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29517"],
+}
+
+
+@pytest.mark.parametrize("launcher,job", [("torchrun", "finetune"), ("accelerate", "finetune"),
+                                          ("accelerate", "distill")])
+def test_two_process_training_keeps_ranks_identical_and_lowers_the_loss(bert_with_tokenizer, tmp_path, launcher,
+                                                                        job):
     train, validation = write_classification_data(tmp_path)
     recipe = write_recipe(
-        tmp_path, model=bert_with_tokenizer, attention="performer", settings={"num_features": 32},
+        tmp_path, model=bert_with_tokenizer, attention="linformer", settings={"k": 4},
         task="sequence-classification", num_labels=2, data={"train": train, "max_length": 32},
         output_dir=str(tmp_path / "ddp"),
         training={"num_train_epochs": 3, "per_device_train_batch_size": 4, "learning_rate": 2e-3,
                   "logging_steps": 1, "ddp_backend": "gloo"},
+        **({"distill": {"stages": [1]}} if job == "distill" else {}),
     )
     script = tmp_path / "job.py"
     script.write_text(DISTRIBUTED_JOB)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         str(recipe), str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = subprocess.run([*LAUNCHERS[launcher], str(script), str(recipe), str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
