@@ -5,6 +5,7 @@
 ``hf-attn-variants distill RECIPE.yaml [--output-dir DIR]``
 ``hf-attn-variants prune SRC DST [--heads 0.25] [--ffn 0.25] [--magnitude 0.5] [--data FILE]``
 ``hf-attn-variants push FOLDER --repo-id ORG/NAME [--private] [--dry-run]``
+``hf-attn-variants bench [--quick] [--lengths N ...] [--methods NAME ...]``
 ``hf-attn-variants demo [--sentences N] [--passages N] [--length N]``
 """
 
@@ -97,10 +98,16 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmark import main as bench_main
+
+    return bench_main(args.extra)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
-    return demo_main(args.demo_args)
+    return demo_main(args.extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,15 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--dry-run", action="store_true", help="list the files and commit; touch no network")
     push.set_defaults(run=_push)
+    bench = commands.add_parser("bench", help="benchmark one attention layer against SDPA, peers and the floor")
+    bench.set_defaults(run=_bench, passthrough=True)
     demo = commands.add_parser("demo", help="convert the real all-MiniLM-L6-v2 to every variant; fidelity and speed")
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="options of hf_attn_variants.demo (see --help)")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, passthrough=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one line naming the problem and the fix, and exit with status 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra  # bench and demo pass their options on to their own parsers
     try:
         return args.run(args)
     except (ValueError, FileExistsError, OSError) as err:
