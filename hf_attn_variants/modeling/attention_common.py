@@ -230,6 +230,45 @@ def state_buffers_device(state: torch.nn.Module) -> torch.device | None:
     return None
 
 
+@dataclasses.dataclass
+class AttentionCall:
+    """What every variant's interface function derives from its arguments before the computation."""
+
+    state: VariantState
+    key: torch.Tensor  # [B, H, Lk, D], key/value heads repeated for GQA
+    value: torch.Tensor
+    key_mask: torch.Tensor | None  # [B, Lk] bool, None without padding
+    is_causal: bool
+    scaling: float
+
+
+def prepare_call(
+    module: torch.nn.Module,
+    state_class: type[VariantState],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+) -> AttentionCall:
+    """The state, GQA-expanded key/value, boolean padding mask, causality and scale of an interface call."""
+    state = state_for_module(module, state_class, query)
+    key, value = expand_kv_heads(module, key, value)
+    return AttentionCall(
+        state=state,
+        key=key,
+        value=value,
+        key_mask=key_padding_mask(attention_mask, key),
+        is_causal=bool(getattr(module, "is_causal", False)),
+        scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
+    )
+
+
+def interface_output(out: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """[B, H, Lq, D] -> the interface's ([B, Lq, H, D], None)."""
+    return out.transpose(1, 2).contiguous(), None
+
+
 def log_sum_exp_combine(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
     """Combine partial softmax outputs [B, H, L, D] weighted by their log-normalisers [B, H, L]."""
     lse = torch.stack(lses)  # (R, B, H, L)

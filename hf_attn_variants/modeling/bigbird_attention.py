@@ -21,10 +21,9 @@ from .attention_common import (
     VariantState,
     compute_dtype,
     exact_attention,
-    expand_kv_heads,
-    key_padding_mask,
+    interface_output,
     masked_fill_value,
-    state_for_module,
+    prepare_call,
 )
 
 logger = logging.get_logger(__name__)
@@ -188,12 +187,9 @@ def bigbird_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None)."""
-    state = state_for_module(module, BigBirdState, query)
-    key, value = expand_kv_heads(module, key, value)
-    settings = state.settings
-    is_causal = bool(getattr(module, "is_causal", False))
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    key_mask = key_padding_mask(attention_mask, key)
+    call = prepare_call(module, BigBirdState, query, key, value, attention_mask, scaling)
+    key, value, key_mask, is_causal, scaling = call.key, call.value, call.key_mask, call.is_causal, call.scaling
+    settings = call.state.settings
     num_key_blocks = -(-key.shape[2] // settings.block_size)
     if num_key_blocks <= settings.dense_below(is_causal):
         logger.warning_once(
@@ -202,6 +198,6 @@ def bigbird_attention_forward(
         )
         out = exact_attention(query, key, value, key_mask, is_causal, scaling, dropout)
     else:
-        table = state.table(num_key_blocks)
+        table = call.state.table(num_key_blocks)
         out = block_sparse_attention(query, key, value, key_mask, is_causal, scaling, settings, table, dropout)
-    return out.transpose(1, 2).contiguous(), None
+    return interface_output(out)

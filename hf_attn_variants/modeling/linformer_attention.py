@@ -23,10 +23,9 @@ from .attention_common import (
     SettingsBase,
     VariantState,
     compute_dtype,
-    expand_kv_heads,
-    key_padding_mask,
+    interface_output,
     masked_fill_value,
-    state_for_module,
+    prepare_call,
 )
 
 SHARING_CHOICES = ("headwise", "kv", "none")
@@ -155,16 +154,13 @@ def linformer_attention_forward(
             "attention 'linformer' is not causal: its projections mix future positions into every key. "
             "Use 'performer', 'bigbird' or 'lsh' for decoders (GPT-2, Llama, ...)."
         )
-    state = state_for_module(module, LinformerState, query)
-    key, value = expand_kv_heads(module, key, value)
-    if key.shape[2] > state.max_length:
+    call = prepare_call(module, LinformerState, query, key, value, attention_mask, scaling)
+    state = call.state
+    if call.key.shape[2] > state.max_length:
         raise ValueError(
-            f"input length {key.shape[2]} exceeds this Linformer's max_length {state.max_length}. Truncate the "
+            f"input length {call.key.shape[2]} exceeds this Linformer's max_length {state.max_length}. Truncate the "
             "input, or convert again with a larger max_length (e.g. convert(..., max_length=N))."
         )
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     proj_k, proj_v = state.projections()
-    out, _ = linformer_attention(
-        query, key, value, proj_k, proj_v, key_padding_mask(attention_mask, key), scaling, dropout
-    )
-    return out.transpose(1, 2).contiguous(), None
+    out, _ = linformer_attention(query, call.key, call.value, proj_k, proj_v, call.key_mask, call.scaling, dropout)
+    return interface_output(out)

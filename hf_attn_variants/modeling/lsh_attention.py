@@ -23,11 +23,10 @@ from .attention_common import (
     VariantState,
     compute_dtype,
     exact_attention,
-    expand_kv_heads,
-    key_padding_mask,
+    interface_output,
     log_sum_exp_combine,
     masked_fill_value,
-    state_for_module,
+    prepare_call,
 )
 
 
@@ -267,18 +266,7 @@ def lsh_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None)."""
-    state = state_for_module(module, LSHState, query)
-    key, value = expand_kv_heads(module, key, value)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = lsh_attention(
-        query,
-        key,
-        value,
-        state.rotations,
-        key_padding_mask(attention_mask, key),
-        bool(getattr(module, "is_causal", False)),
-        scaling,
-        state.settings,
-        dropout,
-    )
-    return out.transpose(1, 2).contiguous(), None
+    call = prepare_call(module, LSHState, query, key, value, attention_mask, scaling)
+    out = lsh_attention(query, call.key, call.value, call.state.rotations, call.key_mask, call.is_causal,
+                        call.scaling, call.state.settings, dropout)
+    return interface_output(out)

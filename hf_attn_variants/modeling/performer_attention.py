@@ -19,9 +19,8 @@ from .attention_common import (
     SettingsBase,
     VariantState,
     compute_dtype,
-    expand_kv_heads,
-    key_padding_mask,
-    state_for_module,
+    interface_output,
+    prepare_call,
 )
 
 KERNELS = ("softmax", "relu")
@@ -224,20 +223,9 @@ def performer_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None). No attention dropout
     (there is no probability matrix to drop from)."""
-    state = state_for_module(module, PerformerState, query)
-    state.step(module.training)
-    key, value = expand_kv_heads(module, key, value)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    settings = state.settings
-    out = performer_attention(
-        query,
-        key,
-        value,
-        state.features,
-        key_padding_mask(attention_mask, key),
-        bool(getattr(module, "is_causal", False)),
-        scaling,
-        settings.kernel,
-        settings.chunk_size,
-    )
-    return out.transpose(1, 2).contiguous(), None
+    call = prepare_call(module, PerformerState, query, key, value, attention_mask, scaling)
+    call.state.step(module.training)
+    settings = call.state.settings
+    out = performer_attention(query, call.key, call.value, call.state.features, call.key_mask, call.is_causal,
+                              call.scaling, settings.kernel, settings.chunk_size)
+    return interface_output(out)
