@@ -87,11 +87,38 @@ def build(method: str, length: int, causal: bool) -> torch.nn.Module:
     raise ValueError(f"unknown method {method!r}")
 
 
+def build_model(name: str, variant: str, length: int):
+    """A whole model as a function of input ids: a 2-layer BERT-base-shaped model, or the real all-MiniLM-L6-v2
+    extended to ``length`` positions, converted to ``variant``."""
+    from transformers import BertConfig, BertModel
+
+    from .conversion import convert
+
+    if name == "bert-base-2-layers":
+        source = BertModel(BertConfig(num_hidden_layers=2, max_position_embeddings=length,
+                                      attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0))
+    else:
+        from .demo import minilm_path
+
+        source = minilm_path()
+    model = convert(source, attention=variant, max_position_embeddings=max(length, 512)).train()
+    model.config.hidden_dropout_prob = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return lambda ids: model(input_ids=ids).last_hidden_state
+
+
 def run_single(method: str, length: int, causal: bool, mode: str, repeats: int) -> Result:
     """Time one configuration in this process."""
     torch.manual_seed(0)
-    layer = build(method, length, causal)
-    x = torch.randn(1, length, HIDDEN, requires_grad=mode != "forward")
+    if method.startswith("model:"):  # model:<name>:<variant>
+        _, name, variant = method.split(":")
+        layer = build_model(name, variant, length)
+        x = torch.randint(1000, 2000, (1, length))
+    else:
+        layer = build(method, length, causal)
+        x = torch.randn(1, length, HIDDEN, requires_grad=mode != "forward")
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for i in range(repeats + 1):
@@ -235,6 +262,44 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+def model_table(out: Path, length: int, repeats: int, timeout: int) -> int:
+    """Whole models at ``length`` tokens, forward and forward+backward, every variant against 'full'."""
+    rows = []
+    for name in ("bert-base-2-layers", "all-MiniLM-L6-v2"):
+        for variant in VARIANTS:
+            for mode in ("forward", "forward+backward"):
+                command = [sys.executable, "-m", "hf_attn_variants.benchmark", "--single", f"model:{name}:{variant}",
+                           str(length), "0", mode, str(repeats)]
+                done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+                row = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {
+                    "method": f"model:{name}:{variant}", "mode": mode, "seconds": None, "peak_mb": None,
+                    "error": done.stderr.strip()[-200:]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    lines = ["# Model-level benchmark", "",
+             f"Whole models at {length} tokens (batch 1, fp32, {torch.get_num_threads()} threads, dropout 0, median "
+             f"of {repeats} after a warm-up): a 2-layer BERT-base-shaped model (hidden 768, 12 heads, FFN 3072) and "
+             f"the real all-MiniLM-L6-v2 with its positions tiled to {length}, each converted to every variant.", "",
+             "| model | variant | forward s | × full | forward+backward s | × full | peak MB (fwd+bwd) |",
+             "|---|---|---|---|---|---|---|"]
+    def get(name, variant, mode):
+        return next(r for r in rows if r["method"] == f"model:{name}:{variant}" and r["mode"] == mode)
+
+    for name in ("bert-base-2-layers", "all-MiniLM-L6-v2"):
+        base_f, base_b = get(name, "full", "forward")["seconds"], get(name, "full", "forward+backward")["seconds"]
+        for variant in VARIANTS:
+            forward, both = get(name, variant, "forward"), get(name, variant, "forward+backward")
+            if forward["seconds"] is None or both["seconds"] is None:
+                lines.append(f"| {name} | {variant} | failed | | | | |")
+                continue
+            lines.append(f"| {name} | {variant} | {forward['seconds']:.2f} | {forward['seconds'] / base_f:.2f} | "
+                         f"{both['seconds']:.2f} | {both['seconds'] / base_b:.2f} | {both['peak_mb']:.0f} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "models.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     """CLI: ``hf-attn-variants bench [--quick] [--lengths ...] [--methods ...] [--out docs/benchmarks]``."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -248,6 +313,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--models", action="store_true", help="the model-level table instead of the layer suite")
+    parser.add_argument("--model-length", type=int, default=4096)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.single:
@@ -255,6 +322,8 @@ def main(argv=None) -> int:
         result = run_single(method, int(length), bool(int(causal)), mode, int(repeats))
         print(json.dumps(asdict(result)))
         return 0
+    if args.models:
+        return model_table(Path(args.out), args.model_length, args.repeats, args.timeout)
     if args.quick:  # a smoke run: no timing claims
         args.lengths, args.repeats, args.modes = [256], 1, ["forward+backward"]
     causal_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]

@@ -8,3 +8,4 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev,demo]"
+if [ "${WITH_BENCH:-0}" = 1 ]; then .venv/bin/python -m pip install -q -e ".[bench]"; fi
