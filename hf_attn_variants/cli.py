@@ -88,12 +88,18 @@ def _distill(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     from .prune import run_prune
 
-    texts = None
-    if args.data:
+    texts, labels = None, None
+    if args.data and args.data.endswith(".csv"):  # text,label columns: labelled data for a classifier
+        import csv
+
+        with open(args.data, newline="") as f:
+            rows = list(csv.DictReader(f))
+        texts, labels = [r["text"] for r in rows], [int(r["label"]) for r in rows]
+    elif args.data:
         with open(args.data) as f:
             texts = [line.strip() for line in f if line.strip()]
     report = run_prune(args.source, args.destination, head_fraction=args.heads, ffn_fraction=args.ffn,
-                       magnitude=args.magnitude, texts=texts, overwrite=args.overwrite)
+                       magnitude=args.magnitude, texts=texts, labels=labels, overwrite=args.overwrite)
     print(yaml.safe_dump(report, sort_keys=False))
     return 0
 
@@ -138,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--heads", type=float, default=0.25, help="fraction of attention heads to remove")
     prune.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons to remove per layer")
     prune.add_argument("--magnitude", type=float, default=0.0, help="then zero this fraction of each matrix")
-    prune.add_argument("--data", default=None, help="text file (one example per line) to score importance on")
+    prune.add_argument("--data", default=None,
+                       help="text file (one example per line), or a csv with text,label for a classifier")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     prune.set_defaults(run=_prune)
     push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")

@@ -184,10 +184,16 @@ def magnitude_prune(model: PreTrainedModel, fraction: float) -> int:
 
 
 def text_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 16,
-                 max_length: int = 128) -> list[dict[str, torch.Tensor]]:
-    """Tokenised batches of ``texts`` for importance scoring."""
-    return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+                 max_length: int = 128, labels: list[int] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Tokenised batches of ``texts`` (with ``labels`` when given, for a classifier's loss) for importance scoring."""
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        batch = dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt"))
+        if labels is not None:
+            batch["labels"] = torch.tensor(labels[i:i + batch_size])
+        batches.append(batch)
+    return batches
 
 
 def measure(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], folder: str | None = None
@@ -208,7 +214,7 @@ def measure(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], fold
 
 def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fraction: float = 0.25,
               ffn_fraction: float = 0.0, magnitude: float = 0.0, texts: list[str] | None = None,
-              overwrite: bool = False, seed: int = 0) -> dict[str, Any]:
+              overwrite: bool = False, seed: int = 0, labels: list[int] | None = None) -> dict[str, Any]:
     """Load a saved variant model, score, prune, save atomically (card updated) and report before/after:
     parameters, size on disk, forward time, and for encoders the embedding cosine to the unpruned model."""
     from transformers import AutoConfig, AutoTokenizer
@@ -233,7 +239,7 @@ def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fra
     original = model_class.from_pretrained(source).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     texts = texts or real_sentences(128, split="train")
-    batches = text_batches(tokenizer, texts)
+    batches = text_batches(tokenizer, texts, labels=labels)
     report: dict[str, Any] = {"before": measure(model, batches, str(source))}
     scored = head_fraction > 0 or ffn_fraction > 0
     torch.manual_seed(seed)  # the label-free importance loss uses dropout

@@ -45,9 +45,10 @@ def pruning():
     run_finetune(recipe)
     validation = list(csv.DictReader(open(recipe.data.validation)))
     base_accuracy = accuracy(OUT / "classifier" / "final", validation)
+    train = list(csv.DictReader(open(recipe.data.train)))
     for heads, ffn in ((0.25, 0.0), (0.25, 0.25)):
         report = run_prune(OUT / "classifier" / "final", OUT / f"classifier-pruned-{heads}-{ffn}", heads, ffn,
-                           overwrite=True)
+                           overwrite=True, texts=[r["text"] for r in train], labels=[int(r["label"]) for r in train])
         pruned_accuracy = accuracy(OUT / f"classifier-pruned-{heads}-{ffn}", validation)
         rows.append(("MiniLM-performer classifier", heads, ffn, report,
                      f"accuracy {base_accuracy:.3f} -> {pruned_accuracy:.3f}"))

@@ -102,3 +102,21 @@ def test_cli_prune_writes_a_smaller_model_with_a_card(bert_with_tokenizer, tmp_p
     assert sum(model.config.heads_per_layer) == 6 and model.config.intermediate_per_layer == [20, 20]
     assert "pruned 2 attention heads" in (tmp_path / "pruned" / "README.md").read_text()
     assert cli_main(["prune", str(tmp_path / "src"), str(tmp_path / "pruned"), "--heads", "0.25"]) == 2
+
+
+def test_cli_prune_a_classifier_with_labelled_csv(bert_with_tokenizer, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    source = tmp_path / "src"
+    converted = hv.convert(bert_with_tokenizer, attention="performer")
+    converted.config.num_labels = 2
+    classifier = AutoModelForSequenceClassification.from_config(converted.config)
+    classifier.save_pretrained(source)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(bert_with_tokenizer).save_pretrained(source)
+    data = tmp_path / "labelled.csv"
+    data.write_text("text,label\n" + "".join(f"the lazy dog {i},{i % 2}\n" for i in range(12)))
+    assert cli_main(["prune", str(source), str(tmp_path / "out"), "--heads", "0.5", "--data", str(data)]) == 0
+    pruned = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert sum(pruned.config.heads_per_layer) == 4
