@@ -171,6 +171,8 @@ def flops(method: str, length: int, causal: bool, mode: str) -> float:
 def run_all(methods, lengths, modes, causal_modes, repeats, out_dir: Path, timeout: int) -> list[dict]:
     """Every configuration in its own process; rows with the floor and ratio to SDPA added."""
     gflops = matmul_gflops()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "machine.json").write_text(json.dumps({"matmul_gflops": gflops, "threads": torch.get_num_threads()}))
     rows = []
     for causal in causal_modes:
         for mode in modes:
@@ -191,6 +193,13 @@ def run_all(methods, lengths, modes, causal_modes, repeats, out_dir: Path, timeo
                     result["floor_seconds"] = flops(method, length, causal, mode) / (gflops * 1e9)
                     rows.append(result)
                     print(json.dumps(result), flush=True)
+                    out_dir.mkdir(parents=True, exist_ok=True)  # partial results survive an interrupted run
+                    (out_dir / "partial.jsonl").open("a").write(json.dumps(result) + "\n")
+    return finish(rows, gflops, out_dir)
+
+
+def finish(rows: list[dict], gflops: float, out_dir: Path) -> list[dict]:
+    """Add the ratios to SDPA and to the floor, and write results.json."""
     for row in rows:
         sdpa = next((r for r in rows if r["method"] == "full" and r["length"] == row["length"]
                      and r["causal"] == row["causal"] and r["mode"] == row["mode"]), None)
@@ -314,6 +323,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--models", action="store_true", help="the model-level table instead of the layer suite")
+    parser.add_argument("--from-partial", action="store_true", help="render partial.jsonl of an interrupted run")
     parser.add_argument("--model-length", type=int, default=4096)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -324,10 +334,19 @@ def main(argv=None) -> int:
         return 0
     if args.models:
         return model_table(Path(args.out), args.model_length, args.repeats, args.timeout)
+    if args.from_partial:  # render what an interrupted run measured
+        out = Path(args.out)
+        rows = [json.loads(line) for line in (out / "partial.jsonl").read_text().splitlines()]
+        gflops = json.loads((out / "machine.json").read_text())["matmul_gflops"]
+        rows = finish(rows, gflops, out)
+        (out / "results.md").write_text("# Attention layer benchmark\n\n" + render(rows, gflops))
+        plot(rows, out)
+        return 0
     if args.quick:  # a smoke run: no timing claims
         args.lengths, args.repeats, args.modes = [256], 1, ["forward+backward"]
     causal_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     out = Path(args.out)
+    (out / "partial.jsonl").unlink(missing_ok=True)
     rows = run_all(args.methods, args.lengths, args.modes, causal_modes, args.repeats, out, args.timeout)
     gflops = json.loads((out / "results.json").read_text())["matmul_gflops"]
     text = render(rows, gflops)
