@@ -15,13 +15,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
+from .modeling.configuration_attn_variants import config_family
 from .modeling.modeling_attn_variants import is_variant_attention
 
 ATTENTION_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn")
-
-
-def _family(model: PreTrainedModel) -> str:
-    return model.config.model_type.removeprefix("attn_variant_")
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -30,7 +27,7 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP
         inner = inner.module
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    family = _family(base)
+    family = config_family(base.config)
     return [m for m in base.modules() if is_variant_attention(m, family)]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
 from .modeling import get_variant
+from .modeling.configuration_attn_variants import config_family
 from .modeling.modeling_attn_variants import auto_class_name
 
 FACTS_FILE = "hf_attn_variants_card.json"
@@ -97,7 +98,7 @@ def write_model_card(
 def render_model_card(folder: str | os.PathLike, config: Any, architecture: str, facts: dict[str, Any]) -> ModelCard:
     """The ModelCard for a saved folder from its config and facts (no I/O)."""
     variant = config.attention_type
-    family = config.model_type.removeprefix("attn_variant_")
+    family = config_family(config)
     repo_id = facts.get("repo_id") or Path(folder).name
     eval_results = [EvalResult(**r) for r in facts.get("results", [])]
     card_data = ModelCardData(

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from .modeling import get_variant
 from .modeling.attention_common import STATE_ATTRIBUTE
+from .modeling.configuration_attn_variants import config_family
 
 DEFAULT_TARGETS = {
     "bert": ["query", "key", "value"],
@@ -32,7 +33,7 @@ TASK_TYPES = (
 
 def model_family(model: PreTrainedModel) -> str:
     """'bert', 'gpt2', ... of a variant (or stock) model."""
-    return model.config.model_type.removeprefix("attn_variant_")
+    return config_family(model.config)
 
 
 def default_target_modules(model: PreTrainedModel) -> list[str]:

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .modeling.configuration_attn_variants import config_family
 from .modeling.pruned_shapes import head_dim_of, layers, prune_layer_ffn, prune_layer_heads
 
 
 def _family(model: PreTrainedModel) -> str:
-    family = model.config.model_type.removeprefix("attn_variant_")
+    family = config_family(model.config)
     if not hasattr(model.config, "heads_per_layer"):
         raise ValueError(f"{type(model).__name__} is not a hf_attn_variants model; convert it first "
                          "(hf_attn_variants.convert(model, attention='full') keeps exact attention).")
@@ -227,7 +228,7 @@ def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fra
 
     check_output_dir(output_dir, overwrite)
     config = AutoConfig.from_pretrained(source)
-    family = config.model_type.removeprefix("attn_variant_")
+    family = config_family(config)
     if family not in modeling.VARIANT_MODELS:
         raise ValueError(f"{source} is not a hf_attn_variants model (model_type {config.model_type}); convert it "
                          "first: hf-attn-variants convert SRC DST --attention full.")

@@ -87,6 +87,11 @@ class AttnVariantMistralConfig(CausalFamilyFields, MistralConfig):
     model_type = "attn_variant_mistral"
 
 
+def config_family(config) -> str:
+    """The family ('bert', 'gpt2', ...) of a variant or stock config."""
+    return config.model_type.removeprefix("attn_variant_")
+
+
 VARIANT_CONFIGS = {
     "bert": AttnVariantBertConfig,
     "roberta": AttnVariantRobertaConfig,
