@@ -158,6 +158,8 @@ DISTRIBUTED_JOB = textwrap.dedent("""
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     json.dump({"digest": digest, "losses": losses, "world_size": trainer.args.world_size},
               open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w"))
+    if torch.distributed.is_initialized():  # a clean teardown: gloo threads left running can abort the exit
+        torch.distributed.destroy_process_group()
 """)
 
 

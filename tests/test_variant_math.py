@@ -99,6 +99,28 @@ def test_bigbird_with_window_covering_the_sequence_is_exact(causal, length):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("query_length", [37, 5])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_bigbird_hand_written_backward_passes_gradcheck(causal, query_length, dropout, monkeypatch):
+    """Several groups of query blocks, cached keys before the queries, padding, and attention dropout (the same
+    seed in every call, so the backward must regenerate the forward's masks)."""
+    from hf_attn_variants.modeling import bigbird_attention as module
+
+    monkeypatch.setattr(module, "GROUP_ELEMENTS", 3000)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, query_length, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, H, 37, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = right_padding(37, pad=3)
+    table = torch.rand(20, 2, generator=torch.Generator().manual_seed(1))
+
+    def core(q, k, v):
+        torch.manual_seed(0)
+        return block_sparse_attention(q, k, v, mask, causal, SCALE, sparse_bigbird(block=4), table, dropout)
+
+    assert torch.autograd.gradcheck(core, (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_lsh_with_one_bucket_and_a_chunk_covering_the_sequence_is_exact(causal):
     q, k, v = qkv()
     mask = right_padding()
@@ -143,6 +165,52 @@ def test_performer_causal_chunking_equals_one_chunk():
     one_chunk = run_performer(q, k, v, right_padding(), True, chunk=N)
     chunked = run_performer(q, k, v, right_padding(), True, chunk=7)
     torch.testing.assert_close(chunked, one_chunk, atol=1e-5, rtol=1e-5)
+
+
+def dense_kernel_attention(q, k, v, features, key_mask, causal, kernel):
+    """The same kernel attention with the full Lq x Lk matrix phi(q) phi(k)^T: what the linear-time core must equal."""
+    x_q, x_k = q * math.sqrt(SCALE), k * math.sqrt(SCALE)
+    if kernel == "softmax":
+        phi_q = torch.exp(x_q @ features.T - 0.5 * (x_q * x_q).sum(-1, keepdim=True))
+        phi_k = torch.exp(x_k @ features.T - 0.5 * (x_k * x_k).sum(-1, keepdim=True))
+    else:
+        phi_q = torch.relu(x_q @ features.T) / math.sqrt(features.shape[0]) + 1e-3
+        phi_k = torch.relu(x_k @ features.T) / math.sqrt(features.shape[0]) + 1e-3
+    scores = phi_q @ phi_k.transpose(-1, -2)
+    lq, lk = q.shape[2], k.shape[2]
+    if causal:
+        scores = scores.masked_fill(torch.arange(lk)[None] > torch.arange(lk - lq, lk)[:, None], 0.0)
+    if key_mask is not None:
+        scores = scores * key_mask[:, None, None, :]
+    return scores @ v / scores.sum(-1, keepdim=True)
+
+
+PERFORMER_CASES = [(causal, kernel, lq) for causal in (False, True) for kernel in ("softmax", "relu") for lq in (11, 4)]
+
+
+@pytest.mark.parametrize("causal,kernel,query_length", PERFORMER_CASES)
+def test_performer_core_equals_dense_kernel_attention_and_its_gradients_are_exact(
+    causal, kernel, query_length, monkeypatch
+):
+    """Forward equals the quadratic form of the same kernel (1e-10 in float64); the hand-written backward passes
+    gradcheck. Several chunks, several non-causal blocks, cached keys before the queries and padding on both ends."""
+    from hf_attn_variants.modeling import performer_attention as module
+
+    monkeypatch.setattr(module, "NONCAUSAL_BLOCK", 3)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H, query_length, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, H, 11, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    features = orthogonal_gaussian(6, 4, g).double()
+    mask = torch.ones(B, 11, dtype=torch.bool)
+    mask[0, :2], mask[1, -3:] = False, False
+
+    def core(q, k, v):
+        return performer_attention(q, k, v, features, mask, causal, SCALE, kernel, 3)
+
+    expected = dense_kernel_attention(q, k, v, features, mask, causal, kernel)
+    rows_with_keys = torch.isfinite(expected).all(-1)  # left padding leaves the first causal rows without keys
+    torch.testing.assert_close(core(q, k, v)[rows_with_keys], expected[rows_with_keys], atol=1e-10, rtol=1e-10)
+    assert torch.autograd.gradcheck(core, (q, k, v), fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -28,11 +28,8 @@ RELU_EPSILON = 1e-3
 # A normaliser below this means every key that matters to the query underflowed (huge logits): the row is left at
 # ~0 (its numerator) instead of 0/0, which keeps outputs and gradients finite without biasing ordinary rows.
 NORMALISER_FLOOR = 1e-12
-
-
-def normalise(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator, with underflowed rows (denominator < NORMALISER_FLOOR) divided by 1 instead."""
-    return numerator / denominator.masked_fill(denominator < NORMALISER_FLOOR, 1.0)
+# Rows per block of the non-causal passes: phi of one block ([B, H, 1024, m]) is all that is ever held.
+NONCAUSAL_BLOCK = 1024
 
 
 @dataclasses.dataclass
@@ -44,7 +41,7 @@ class PerformerSettings(SettingsBase):
     num_features: int = dataclasses.field(default=256, metadata={"positive_int": True})
     kernel: str = dataclasses.field(default="softmax", metadata={"choices": KERNELS})
     redraw_interval: int = dataclasses.field(default=0, metadata={"non_negative_int": True})
-    chunk_size: int = dataclasses.field(default=256, metadata={"positive_int": True})
+    chunk_size: int = dataclasses.field(default=128, metadata={"positive_int": True})
 
 
 def orthogonal_gaussian(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -90,23 +87,75 @@ class PerformerState(VariantState):
             self.redraw(self.draws)
 
 
-def feature_logits(x: torch.Tensor, features: torch.Tensor, scaling: float) -> torch.Tensor:
-    """log of the unnormalised softmax-kernel features: W x' - |x'|^2/2. x [..., L, D] -> [..., L, m] (fp32)."""
-    x = x.to(compute_dtype(x.dtype)) * math.sqrt(scaling)
-    return torch.matmul(x, features.to(x.dtype).T) - 0.5 * (x * x).sum(-1, keepdim=True)
+class FeatureMap:
+    """phi(x) for scaled inputs xs = x sqrt(scale) [..., n, D] -> [..., n, m], and its backward.
+
+    softmax: phi = exp(xs W^T - |xs|^2/2 - shift); relu: phi = relu(xs W^T)/sqrt(m) + eps. ``shift`` (queries: the
+    row max, keys: a max over valid keys) is a common factor that cancels in the normalised output, so the backward
+    treats it as a constant - which is exact.
+    """
+
+    def __init__(self, features: torch.Tensor, kernel: str):
+        self.features = features
+        self.kernel = kernel
+
+    def logits(self, xs: torch.Tensor) -> torch.Tensor:
+        """The pre-activation: xs W^T - |xs|^2/2 (softmax) or xs W^T (relu). [..., n, D] -> [..., n, m]."""
+        out = torch.matmul(xs, self.features.T)
+        if self.kernel == "softmax":
+            out.sub_(0.5 * (xs * xs).sum(-1, keepdim=True))
+        return out
+
+    def queries(self, xs: torch.Tensor) -> torch.Tensor:
+        """phi(q), each row divided by its largest feature."""
+        out = self.logits(xs)
+        if self.kernel == "relu":
+            return out.relu_().div_(math.sqrt(self.features.shape[0])).add_(RELU_EPSILON)
+        return out.sub_(out.amax(-1, keepdim=True)).exp_()
+
+    def keys(self, logits: torch.Tensor, shift: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
+        """phi(k) from key logits (consumed in place), divided by exp(shift); padded keys are 0."""
+        if self.kernel == "relu":
+            out = logits.relu_().div_(math.sqrt(self.features.shape[0])).add_(RELU_EPSILON)
+        else:
+            out = logits.sub_(shift).exp_()
+        return out if valid is None else out.masked_fill_(~valid, 0.0)
+
+    def key_max(self, logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Max logit over the valid keys of a span, [B, H, 1, 1] (None for relu, which needs no shift)."""
+        if self.kernel == "relu":
+            return None
+        if valid is not None:
+            logits = logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
+        return logits.amax(dim=(-1, -2), keepdim=True)
+
+    def backward(self, xs: torch.Tensor, phi: torch.Tensor, grad_phi: torch.Tensor) -> torch.Tensor:
+        """d loss / d xs from d loss / d phi (grad_phi is consumed). Padded keys have phi = 0, so no gradient."""
+        if self.kernel == "relu":  # phi > eps exactly where the pre-activation was positive
+            grad = grad_phi.mul_(phi > RELU_EPSILON).div_(math.sqrt(self.features.shape[0]))
+            return torch.matmul(grad, self.features)
+        grad = grad_phi.mul_(phi)
+        return torch.matmul(grad, self.features).sub_(xs * grad.sum(-1, keepdim=True))
 
 
-def query_features(query: torch.Tensor, features: torch.Tensor, scaling: float, kernel: str) -> torch.Tensor:
-    """phi(q) up to a per-query factor (which cancels in the normalisation). [B, H, L, D] -> [B, H, L, m]."""
-    if kernel == "relu":
-        return relu_features(query, features, scaling)
-    logits = feature_logits(query, features, scaling)
-    return torch.exp(logits - logits.amax(-1, keepdim=True))
+def floored(denominator: torch.Tensor) -> torch.Tensor:
+    """The denominator with underflowed rows (< NORMALISER_FLOOR) replaced by 1 (their output is the numerator)."""
+    return denominator.masked_fill(denominator < NORMALISER_FLOOR, 1.0)
 
 
-def relu_features(x: torch.Tensor, features: torch.Tensor, scaling: float) -> torch.Tensor:
-    x = x.to(compute_dtype(x.dtype)) * math.sqrt(scaling)
-    return torch.relu(torch.matmul(x, features.to(x.dtype).T)) / math.sqrt(features.shape[0]) + RELU_EPSILON
+def output_gradients(grad: torch.Tensor, out: torch.Tensor, denominator: torch.Tensor):
+    """For out = numerator / denominator: (d numerator, d denominator) = (g / den, -(g . out) / den)."""
+    den = floored(denominator)
+    grad_den = -(grad * out).sum(-1, keepdim=True) / den
+    return grad / den, grad_den.masked_fill_(denominator < NORMALISER_FLOOR, 0.0)
+
+
+def spans(length: int, size: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + size, length)) for lo in range(0, length, size)]
+
+
+def rows(x: torch.Tensor | None, span: tuple[int, int]) -> torch.Tensor | None:
+    return None if x is None else x[:, :, span[0] : span[1]]
 
 
 def performer_attention(
@@ -118,97 +167,169 @@ def performer_attention(
     is_causal: bool,
     scaling: float,
     kernel: str = "softmax",
-    chunk_size: int = 256,
+    chunk_size: int = 128,
 ) -> torch.Tensor:
     """Functional core. query [B, H, Lq, D]; key/value [B, H, Lk, D]; features [m, D]; key_mask [B, Lk] bool.
 
     Returns [B, H, Lq, D] in the query's dtype; internal sums are fp32. In causal mode query i is at position
     Lk - Lq + i (so decoding with a KV cache gives what the full sequence gives).
     """
-    out_dtype = query.dtype
-    phi_q = query_features(query, features, scaling, kernel)  # (B, H, Lq, m)
-    value = value.to(compute_dtype(value.dtype))
+    dtype = compute_dtype(query.dtype)
     valid = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, Lk, 1)
-    if not is_causal:
-        phi_k, _ = key_features(key, features, scaling, kernel, valid, None)
-        state = torch.matmul(phi_k.transpose(-1, -2), value)  # (B, H, m, D)
-        norm = phi_k.sum(-2)  # (B, H, m)
-        numerator = torch.matmul(phi_q, state)
-        denominator = torch.matmul(phi_q, norm.unsqueeze(-1))
-        return normalise(numerator, denominator).to(out_dtype)
-    return causal_prefix_attention(phi_q, key, value, features, valid, scaling, kernel, chunk_size).to(out_dtype)
+    function = CausalFavor if is_causal else NonCausalFavor
+    out = function.apply(query.to(dtype), key.to(dtype), value.to(dtype), features.to(dtype).detach(), valid,
+                         scaling, kernel, chunk_size)
+    return out.to(query.dtype)
 
 
-def key_features(
-    key: torch.Tensor,
-    features: torch.Tensor,
-    scaling: float,
-    kernel: str,
-    valid: torch.Tensor | None,
-    running_max: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """phi(k) for a span of keys [B, H, n, D] -> ([B, H, n, m], new running max [B, H, 1, 1] or None).
-
-    Softmax kernel: features are divided by exp(max logit over the valid keys seen so far); padded keys are 0.
-    """
-    if kernel == "relu":
-        phi = relu_features(key, features, scaling)
-        return (phi if valid is None else phi * valid), None
-    logits = feature_logits(key, features, scaling)
-    floor = torch.finfo(logits.dtype).min
-    if valid is not None:
-        logits = logits.masked_fill(~valid, floor)
-    span_max = logits.amax(dim=(-1, -2), keepdim=True).detach()
-    new_max = span_max if running_max is None else torch.maximum(running_max, span_max)
-    phi = torch.exp(logits - new_max)
-    if valid is not None:
-        phi = phi * valid
-    return phi, new_max
+def _scaled_inputs(query, key, value, scaling):
+    """(q sqrt(scale), k sqrt(scale), [v, 1]): the ones column makes one matmul give numerator and denominator."""
+    root = math.sqrt(scaling)
+    ones = value.new_ones(value.shape[:-1] + (1,))
+    return query * root, key * root, torch.cat([value, ones], dim=-1)
 
 
-def causal_prefix_attention(
-    phi_q: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    features: torch.Tensor,
-    valid: torch.Tensor | None,
-    scaling: float,
-    kernel: str,
-    chunk_size: int,
-) -> torch.Tensor:
-    """Causal linear attention by chunks: each chunk sees the prefix state (sum phi(k) v^T over earlier chunks,
-    [B, H, m, D]) plus an exact lower-triangular chunk x chunk block. Memory O(N m + m D) per head."""
-    lq, lk = phi_q.shape[2], key.shape[2]
-    start = lk - lq
-    # Keys before the first query (decoding with a cache) are all visible: fold them into the prefix state at once.
-    state, norm, running_max = None, None, None
-    if start > 0:
-        prefix_valid = None if valid is None else valid[:, :, :start]
-        phi_k, running_max = key_features(key[:, :, :start], features, scaling, kernel, prefix_valid, None)
-        state = torch.matmul(phi_k.transpose(-1, -2), value[:, :, :start])
-        norm = phi_k.sum(-2)
-    outputs = []
-    for chunk_start in range(0, lq, chunk_size):
-        lo, hi = start + chunk_start, min(start + chunk_start + chunk_size, lk)
-        chunk_valid = None if valid is None else valid[:, :, lo:hi]
-        phi_k, new_max = key_features(key[:, :, lo:hi], features, scaling, kernel, chunk_valid, running_max)
-        if state is not None and new_max is not None:
-            rescale = torch.exp(running_max - new_max)  # earlier sums were taken against a smaller max
-            state, norm = state * rescale, norm * rescale.squeeze(-1)
-        running_max = new_max
-        q = phi_q[:, :, lo - start : hi - start]  # (B, H, c, m)
-        local = torch.matmul(q, phi_k.transpose(-1, -2)).tril()  # (B, H, c, c)
-        numerator = torch.matmul(local, value[:, :, lo:hi])
-        denominator = local.sum(-1, keepdim=True)
-        if state is not None:
-            numerator = numerator + torch.matmul(q, state)
-            denominator = denominator + torch.matmul(q, norm.unsqueeze(-1))
-        outputs.append(normalise(numerator, denominator))
-        chunk_state = torch.matmul(phi_k.transpose(-1, -2), value[:, :, lo:hi])
-        chunk_norm = phi_k.sum(-2)
-        state = chunk_state if state is None else state + chunk_state
-        norm = chunk_norm if norm is None else norm + chunk_norm
-    return torch.cat(outputs, dim=2)
+class NonCausalFavor(torch.autograd.Function):
+    """out = phi(q) S / phi(q) z with S = sum_k phi(k) v^T, z = sum_k phi(k). The forward and the backward run over
+    row blocks and recompute phi in the backward, so no [N, m] tensor is kept: O(N D + m D) memory."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, features, valid, scaling, kernel, block):
+        qs, ks, v1 = _scaled_inputs(query, key, value, scaling)
+        fmap = FeatureMap(features, kernel)
+        shift, state = None, None  # state: [B, H, m, D + 1] = (S, z) relative to exp(shift)
+        for span in spans(ks.shape[2], NONCAUSAL_BLOCK):
+            logits = fmap.logits(rows(ks, span))
+            span_max = fmap.key_max(logits, rows(valid, span))
+            if span_max is not None:
+                new_shift = span_max if shift is None else torch.maximum(shift, span_max)
+                if state is not None:  # earlier blocks were summed against a smaller max
+                    state.mul_(torch.exp(shift - new_shift))
+                shift = new_shift
+            phi = fmap.keys(logits, shift, rows(valid, span))
+            contribution = torch.matmul(phi.transpose(-1, -2), rows(v1, span))
+            state = contribution if state is None else state.add_(contribution)
+        out = torch.empty_like(query)
+        denominator = query.new_empty(query.shape[:-1] + (1,))
+        for span in spans(qs.shape[2], NONCAUSAL_BLOCK):
+            both = torch.matmul(fmap.queries(rows(qs, span)), state)
+            out[:, :, span[0] : span[1]] = both[..., :-1] / floored(both[..., -1:])
+            denominator[:, :, span[0] : span[1]] = both[..., -1:]
+        ctx.save_for_backward(query, key, value, features, valid, state, shift, out, denominator)
+        ctx.settings = (scaling, kernel)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, features, valid, state, shift, out, denominator = ctx.saved_tensors
+        scaling, kernel = ctx.settings
+        qs, ks, v1 = _scaled_inputs(query, key, value, scaling)
+        fmap = FeatureMap(features, kernel)
+        grad_num, grad_den = output_gradients(grad_out, out, denominator)
+        grad_both = torch.cat([grad_num, grad_den], dim=-1)  # [B, H, Lq, D + 1]
+        grad_query, grad_state = torch.empty_like(query), torch.zeros_like(state)
+        for span in spans(qs.shape[2], NONCAUSAL_BLOCK):
+            phi = fmap.queries(rows(qs, span))
+            grad_span = rows(grad_both, span)
+            grad_state.add_(torch.matmul(phi.transpose(-1, -2), grad_span))
+            grad_phi = torch.matmul(grad_span, state.transpose(-1, -2))
+            grad_query[:, :, span[0] : span[1]] = fmap.backward(rows(qs, span), phi, grad_phi)
+        grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
+        for span in spans(ks.shape[2], NONCAUSAL_BLOCK):
+            phi = fmap.keys(fmap.logits(rows(ks, span)), shift, rows(valid, span))
+            grad_phi = torch.matmul(rows(v1, span), grad_state.transpose(-1, -2))
+            grad_value[:, :, span[0] : span[1]] = torch.matmul(phi, grad_state[..., :-1])
+            grad_key[:, :, span[0] : span[1]] = fmap.backward(rows(ks, span), phi, grad_phi)
+        root = math.sqrt(scaling)
+        return grad_query.mul_(root), grad_key.mul_(root), grad_value, None, None, None, None, None
+
+
+class CausalFavor(torch.autograd.Function):
+    """Causal linear attention by chunks of c queries: each chunk sees the prefix state (sum phi(k) [v, 1]^T over
+    earlier keys, [B, H, m, D + 1]) plus an exact lower-triangular c x c block. Key features of span j are taken
+    against a running max over the valid keys so far (shift_j, non-decreasing), the prefix state is rescaled when it
+    grows. The backward walks the chunks in reverse carrying the state's gradient, recomputing phi per chunk:
+    O(N m / c + c^2) memory, no N x m x D tensor and no per-chunk autograd graph."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, features, valid, scaling, kernel, chunk):
+        qs, ks, v1 = _scaled_inputs(query, key, value, scaling)
+        fmap = FeatureMap(features, kernel)
+        key_spans = causal_key_spans(qs.shape[2], ks.shape[2], chunk)
+        start = ks.shape[2] - qs.shape[2]
+        out = torch.empty_like(query)
+        denominator = query.new_empty(query.shape[:-1] + (1,))
+        shift, state, shifts, prefixes = None, None, [], []
+        for span in key_spans:
+            logits = fmap.logits(rows(ks, span))
+            span_max = fmap.key_max(logits, rows(valid, span))
+            if span_max is not None:
+                new_shift = span_max if shift is None else torch.maximum(shift, span_max)
+                if state is not None:
+                    state = state * torch.exp(shift - new_shift)
+                shift = new_shift
+            shifts.append(shift)
+            prefixes.append(state)
+            phi_k = fmap.keys(logits, shift, rows(valid, span))
+            if span[0] >= start:  # a chunk of queries (the first span may be cached keys only)
+                phi_q = fmap.queries(qs[:, :, span[0] - start : span[1] - start])
+                both = torch.matmul(torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_(), rows(v1, span))
+                if state is not None:
+                    both.add_(torch.matmul(phi_q, state))
+                out[:, :, span[0] - start : span[1] - start] = both[..., :-1] / floored(both[..., -1:])
+                denominator[:, :, span[0] - start : span[1] - start] = both[..., -1:]
+            contribution = torch.matmul(phi_k.transpose(-1, -2), rows(v1, span))
+            state = contribution if state is None else state + contribution
+        ctx.save_for_backward(query, key, value, features, valid, out, denominator)
+        ctx.settings = (scaling, kernel, key_spans, shifts, prefixes)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, features, valid, out, denominator = ctx.saved_tensors
+        scaling, kernel, key_spans, shifts, prefixes = ctx.settings
+        qs, ks, v1 = _scaled_inputs(query, key, value, scaling)
+        fmap = FeatureMap(features, kernel)
+        start = ks.shape[2] - qs.shape[2]
+        grad_num, grad_den = output_gradients(grad_out, out, denominator)
+        grad_both = torch.cat([grad_num, grad_den], dim=-1)
+        grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        carry = None  # gradient of the prefix state the next span saw, in that span's shift units
+        for j in reversed(range(len(key_spans))):
+            span, shift = key_spans[j], shifts[j]
+            phi_k = fmap.keys(fmap.logits(rows(ks, span)), shift, rows(valid, span))
+            grad_state = None  # gradient of this span's contribution to later prefixes
+            if carry is not None:
+                grad_state = carry if shift is None else carry * torch.exp(shift - shifts[j + 1])
+            grad_phi_k = (torch.zeros_like(phi_k) if grad_state is None
+                          else torch.matmul(rows(v1, span), grad_state.transpose(-1, -2)))
+            grad_v = None if grad_state is None else torch.matmul(phi_k, grad_state[..., :-1])
+            if span[0] >= start:
+                q_span = (span[0] - start, span[1] - start)
+                phi_q = fmap.queries(rows(qs, q_span))
+                grad_span = rows(grad_both, q_span)
+                local = torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_()
+                grad_local = torch.matmul(grad_span, rows(v1, span).transpose(-1, -2)).tril_()
+                grad_phi_q = torch.matmul(grad_local, phi_k)
+                grad_phi_k.add_(torch.matmul(grad_local.transpose(-1, -2), phi_q))
+                local_v = torch.matmul(local.transpose(-1, -2), grad_span[..., :-1])
+                grad_v = local_v if grad_v is None else grad_v.add_(local_v)
+                prefix = prefixes[j]
+                if prefix is not None:
+                    grad_phi_q.add_(torch.matmul(grad_span, prefix.transpose(-1, -2)))
+                    used = torch.matmul(phi_q.transpose(-1, -2), grad_span)
+                    carry = used if grad_state is None else used.add_(grad_state)
+                grad_query[:, :, q_span[0] : q_span[1]] = fmap.backward(rows(qs, q_span), phi_q, grad_phi_q)
+            grad_value[:, :, span[0] : span[1]] = 0.0 if grad_v is None else grad_v
+            grad_key[:, :, span[0] : span[1]] = fmap.backward(rows(ks, span), phi_k, grad_phi_k)
+        root = math.sqrt(scaling)
+        return grad_query.mul_(root), grad_key.mul_(root), grad_value, None, None, None, None, None
+
+
+def causal_key_spans(query_length: int, key_length: int, chunk: int) -> list[tuple[int, int]]:
+    """Key spans of the causal pass: the cached keys before the first query (if any), then chunks of queries."""
+    start = key_length - query_length
+    return ([(0, start)] if start > 0 else []) + [(start + lo, start + hi) for lo, hi in spans(query_length, chunk)]
 
 
 def performer_attention_forward(
