@@ -22,9 +22,9 @@ from .attention_common import (
     compute_dtype,
     exact_attention,
     interface_output,
-    masked_fill_value,
     prepare_call,
 )
+from .gathered_attention import gathered_attention
 
 logger = logging.get_logger(__name__)
 
@@ -109,94 +109,6 @@ def block_selection(
     return selected, valid
 
 
-# Elements of one group's score tensor [B, H, G, b, S*b]: query blocks are processed G at a time so the gathered
-# keys and scores of a group stay small; the backward recomputes them (nothing of size N x S*b is kept).
-GROUP_ELEMENTS = 1 << 22
-
-
-class GatheredBlockAttention(torch.autograd.Function):
-    """Softmax attention of each query block over its own gathered key blocks, with a hand-written backward.
-
-    query [B, H, nq, b, D]; key/value [B, H, nk, b, D]; selected [nq, S] key-block ids; mask(rows) gives the
-    allowed [B, 1, G, b, S*b] of a group of query blocks. Returns [B, H, nq, b, D]. Dropout masks are drawn from a
-    seed taken from torch's generator, so the backward regenerates the very same masks.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, value, selected, mask, scaling, dropout):
-        out = torch.empty_like(query)
-        lse = query.new_empty(query.shape[:-1])
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
-        for group in group_spans(query, selected):
-            keys, values = gather(key, selected, group), gather(value, selected, group)
-            scores = scaled_scores(query, keys, mask, group, scaling)
-            group_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            probs = scores.sub_(group_lse).exp_()
-            if dropout > 0.0:
-                probs.mul_(dropout_mask(probs, seed, group, dropout))
-            out[:, :, group[0] : group[1]] = torch.matmul(probs, values)
-            lse[:, :, group[0] : group[1]] = group_lse.squeeze(-1)
-        ctx.save_for_backward(query, key, value, selected, out, lse)
-        ctx.settings = (mask, scaling, dropout, seed)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, key, value, selected, out, lse = ctx.saved_tensors
-        mask, scaling, dropout, seed = ctx.settings
-        grad_query = torch.empty_like(query)
-        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
-        delta = (grad_out * out).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
-        for group in group_spans(query, selected):
-            rows = slice(group[0], group[1])
-            keys, values = gather(key, selected, group), gather(value, selected, group)
-            probs = scaled_scores(query, keys, mask, group, scaling).sub_(lse[:, :, rows, :, None]).exp_()
-            grad_probs = torch.matmul(grad_out[:, :, rows], values.transpose(-1, -2))
-            if dropout > 0.0:
-                keep = dropout_mask(probs, seed, group, dropout)
-                grad_probs.mul_(keep)
-                scatter_add(grad_value, selected, group, torch.matmul((probs * keep).transpose(-1, -2),
-                                                                      grad_out[:, :, rows]))
-            else:
-                scatter_add(grad_value, selected, group, torch.matmul(probs.transpose(-1, -2), grad_out[:, :, rows]))
-            grad_scores = grad_probs.sub_(delta[:, :, rows]).mul_(probs).mul_(scaling)
-            grad_query[:, :, rows] = torch.matmul(grad_scores, keys)
-            scatter_add(grad_key, selected, group, torch.matmul(grad_scores.transpose(-1, -2), query[:, :, rows]))
-        return grad_query, grad_key, grad_value, None, None, None, None
-
-
-def group_spans(query: torch.Tensor, selected: torch.Tensor) -> list[tuple[int, int]]:
-    """Ranges of query blocks processed together (each group's scores hold about GROUP_ELEMENTS numbers)."""
-    bsz, heads, nq, b, _ = query.shape
-    size = max(1, GROUP_ELEMENTS // (bsz * heads * b * selected.shape[1] * b))
-    return [(lo, min(lo + size, nq)) for lo in range(0, nq, size)]
-
-
-def gather(blocks: torch.Tensor, selected: torch.Tensor, group: tuple[int, int]) -> torch.Tensor:
-    """The key blocks of a group of query blocks: [B, H, nk, b, D] -> [B, H, G, S*b, D]."""
-    picked = blocks[:, :, selected[group[0] : group[1]]]  # (B, H, G, S, b, D)
-    return picked.flatten(3, 4)
-
-
-def scatter_add(grad_blocks: torch.Tensor, selected: torch.Tensor, group: tuple[int, int], grad: torch.Tensor):
-    """Add a group's gradient of its gathered blocks [B, H, G, S*b, D] back into [B, H, nk, b, D]."""
-    bsz, heads, _, b, dim = grad_blocks.shape
-    index = selected[group[0] : group[1]].reshape(-1)
-    grad_blocks.index_add_(2, index, grad.reshape(bsz, heads, index.numel(), b, dim))
-
-
-def scaled_scores(query, keys, mask, group, scaling) -> torch.Tensor:
-    """Masked scores of a group: [B, H, G, b, S*b] (disallowed keys at a large negative value)."""
-    scores = torch.matmul(query[:, :, group[0] : group[1]], keys.transpose(-1, -2)).mul_(scaling)
-    return scores.masked_fill_(~mask(group), masked_fill_value(scores.dtype))
-
-
-def dropout_mask(probs: torch.Tensor, seed: int, group: tuple[int, int], dropout: float) -> torch.Tensor:
-    """Inverted-dropout factors (0 or 1 / (1 - p)) of a group, the same in the forward and the backward."""
-    generator = torch.Generator(device=probs.device).manual_seed(seed + group[0])
-    keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype) >= dropout
-    return keep.to(probs.dtype).div_(1.0 - dropout)
-
 class BlockMask:
     """Which gathered keys each query of a group of query blocks may attend: [B, 1, G, b, S*b] bool (the slot is
     valid - in range, not a duplicate -, the key is not padding, and, when causal, not in the future)."""
@@ -205,8 +117,8 @@ class BlockMask:
         self.selected, self.slot_valid, self.key_valid = selected, slot_valid, key_valid  # [nq, S], [nq, S], [B, Nk]
         self.query_blocks, self.block_size, self.is_causal = query_blocks, block_size, is_causal
 
-    def __call__(self, group: tuple[int, int]) -> torch.Tensor:
-        rows, b = slice(group[0], group[1]), self.block_size
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        rows, b = slice(lo, hi), self.block_size
         offsets = torch.arange(b, device=self.selected.device)
         key_pos = (self.selected[rows, :, None] * b + offsets).flatten(1)  # (G, S*b)
         allowed = self.slot_valid[rows].repeat_interleave(b, dim=1)[None] & self.key_valid[:, key_pos]
@@ -250,9 +162,10 @@ def block_sparse_attention(
 
     selected, slot_valid = block_selection(query_blocks, nk, settings, random_table, is_causal)  # (nq, S)
     mask = BlockMask(selected, slot_valid, key_valid, query_blocks, b, is_causal)
+    key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).flatten(1)  # (nq, S*b)
     dtype = compute_dtype(query.dtype)
-    out = GatheredBlockAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), selected, mask, scaling,
-                                       dropout)
+    out, _ = gathered_attention(query.to(dtype), key.flatten(2, 3).to(dtype), value.flatten(2, 3).to(dtype), key_pos,
+                                mask, scaling, dropout)
     out = out.to(query.dtype).view(bsz, heads, nq * b, dim)
 
     global_rows = settings.global_blocks * b - (first_qb * b)

@@ -1,0 +1,133 @@
+"""Softmax attention in which each block of queries attends its own gathered set of keys, with a hand-written
+backward. BigBird's block pattern and LSH's positional and bucket windows all run on it.
+
+Query blocks are processed a group at a time: a group's keys are gathered, its scores built, used and dropped.
+The backward recomputes them from the saved log-sum-exp (as flash attention does). Nothing of size
+N x keys-per-query is kept between the forward and the backward, and no autograd graph is built per block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .attention_common import masked_fill_value
+
+# Elements of one group's score tensor [*, G, w, K]: small enough to stay in cache, large enough for fast matmuls.
+GROUP_ELEMENTS = 1 << 22
+
+# The lse of a row with no allowed key: finite (so exp(-inf - lse) = 0, not NaN) and negligible in any
+# log-sum-exp combination.
+NO_KEY_LSE = masked_fill_value(torch.float32)
+
+MaskFunction = Callable[[int, int], torch.Tensor]
+"""mask(lo, hi): which keys the queries of blocks lo..hi-1 may attend, bool broadcastable to [*, hi - lo, w, K]."""
+
+
+class GatheredAttention(torch.autograd.Function):
+    """out, lse = softmax(q k_sel^T * scale + mask) v_sel per query block.
+
+    query [*, nb, w, D]; key/value [*, Lk, D]; key_index [* or 1.., nb, K] rows of key/value (per leading index);
+    mask(lo, hi) as MaskFunction. Returns out [*, nb, w, D] and lse [*, nb, w] (both differentiable). A row with
+    no allowed key gets out = 0 and lse = NO_KEY_LSE: it weighs nothing when partial results are combined.
+    Dropout masks are drawn from a seed taken from torch's generator; the backward regenerates the same masks.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, key_index, mask, scaling, dropout):
+        key, value = key.contiguous(), value.contiguous()  # rows are gathered from their flat views
+        out = torch.empty_like(query)
+        lse = query.new_empty(query.shape[:-1])
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
+        for lo, hi in group_spans(query, key_index.shape[-1]):
+            index = flat_index(key_index, query, key, lo, hi)
+            keys, values = gather_rows(key, index), gather_rows(value, index)
+            scores = masked_scores(query[..., lo:hi, :, :], keys, mask(lo, hi), scaling)
+            group_lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp_min_(NO_KEY_LSE)
+            probs = scores.sub_(group_lse).exp_()
+            if dropout > 0.0:
+                probs.mul_(dropout_factors(probs, seed, lo, dropout))
+            out[..., lo:hi, :, :] = torch.matmul(probs, values)
+            lse[..., lo:hi, :] = group_lse.squeeze(-1)
+        ctx.save_for_backward(query, key, value, key_index, out, lse)
+        ctx.settings = (mask, scaling, dropout, seed)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, key_index, out, lse = ctx.saved_tensors
+        mask, scaling, dropout, seed = ctx.settings
+        grad_query = torch.empty_like(query)
+        grad_key = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
+        grad_value = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+        # d scores = P * (dP - rowsum(dO * O) + d lse)
+        delta = (grad_out * out).sum(-1, keepdim=True) - grad_lse.unsqueeze(-1)
+        for lo, hi in group_spans(query, key_index.shape[-1]):
+            index = flat_index(key_index, query, key, lo, hi)
+            keys, values = gather_rows(key, index), gather_rows(value, index)
+            queries, grads = query[..., lo:hi, :, :], grad_out[..., lo:hi, :, :]
+            probs = masked_scores(queries, keys, mask(lo, hi), scaling).sub_(lse[..., lo:hi, :, None]).exp_()
+            grad_probs = torch.matmul(grads, values.transpose(-1, -2))
+            kept = probs
+            if dropout > 0.0:
+                keep = dropout_factors(probs, seed, lo, dropout)
+                grad_probs.mul_(keep)
+                kept = probs * keep
+            scatter_add_rows(grad_value, index, torch.matmul(kept.transpose(-1, -2), grads))
+            grad_scores = grad_probs.sub_(delta[..., lo:hi, :, :]).mul_(probs).mul_(scaling)
+            grad_query[..., lo:hi, :, :] = torch.matmul(grad_scores, keys)
+            scatter_add_rows(grad_key, index, torch.matmul(grad_scores.transpose(-1, -2), queries))
+        return grad_query, grad_key, grad_value, None, None, None, None
+
+
+def gathered_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_index: torch.Tensor,
+    mask: MaskFunction,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GatheredAttention.apply (see there for shapes): (out [*, nb, w, D], lse [*, nb, w])."""
+    return GatheredAttention.apply(query, key, value, key_index, mask, scaling, dropout)
+
+
+def group_spans(query: torch.Tensor, keys_per_query: int) -> list[tuple[int, int]]:
+    """Ranges of query blocks processed together (each group's scores hold about GROUP_ELEMENTS numbers)."""
+    *lead, blocks, width, _ = query.shape
+    size = max(1, GROUP_ELEMENTS // (math.prod(lead) * width * keys_per_query))
+    return [(lo, min(lo + size, blocks)) for lo in range(0, blocks, size)]
+
+
+def flat_index(key_index: torch.Tensor, query: torch.Tensor, key: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows of key.reshape(-1, D) that the query blocks lo..hi-1 gather: [*, G, K]."""
+    lead = query.shape[:-3]
+    base = torch.arange(math.prod(lead), device=key.device).view(*lead, 1, 1) * key.shape[-2]
+    return key_index[..., lo:hi, :] + base
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [*, L, D] at flat rows index [*, G, K] -> [*, G, K, D]."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index.reshape(-1)).view(*index.shape, x.shape[-1])
+
+
+def scatter_add_rows(grad: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """grad [*, L, D] += rows [*, G, K, D] at flat rows index [*, G, K] (repeated rows add up)."""
+    grad.view(-1, grad.shape[-1]).index_add_(0, index.reshape(-1), rows.reshape(-1, grad.shape[-1]))
+
+
+def masked_scores(queries, keys, allowed, scaling) -> torch.Tensor:
+    """Scores [*, G, w, K] with disallowed keys at -inf (exp(-inf) = 0 is fast; exp of a huge finite negative
+    number takes libm's slow underflow path, 10-20x slower)."""
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scaling)
+    return scores.masked_fill_(~allowed, float("-inf"))
+
+
+def dropout_factors(probs: torch.Tensor, seed: int, group_start: int, dropout: float) -> torch.Tensor:
+    """Inverted-dropout factors (0 or 1 / (1 - p)) of a group, the same in the forward and the backward."""
+    generator = torch.Generator(device=probs.device).manual_seed(seed + group_start)
+    keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype) >= dropout
+    return keep.to(probs.dtype).div_(1.0 - dropout)
