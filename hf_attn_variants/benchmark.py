@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -22,8 +23,12 @@ import torch
 HIDDEN, HEADS, HEAD_DIM = 768, 12, 64
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 VARIANTS = ("full", "linformer", "performer", "bigbird", "lsh")
+# Our variants at a peer's setting (Reformer's 1 and 4 hashes): method -> (variant, settings).
+MATCHED = {"lsh-1": ("lsh", {"num_hashes": 1}), "lsh-4": ("lsh", {"num_hashes": 4})}
 PEERS = ("hf-bigbird", "hf-reformer-1", "hf-reformer-4", "lucidrains-performer", "lucidrains-linformer")
-CAUSAL_CAPABLE = {"full", "performer", "bigbird", "lsh", "hf-reformer-1", "hf-reformer-4", "lucidrains-performer"}
+CAUSAL_CAPABLE = {"full", "performer", "bigbird", "lsh", "lsh-1", "lsh-4", "hf-reformer-1", "hf-reformer-4",
+                  "lucidrains-performer"}
+LSH_HASHES = {"lsh": 2, "lsh-1": 1, "lsh-4": 4}
 # Peers that run out of memory or time on this machine beyond a length (BigBird builds N x N; lucidrains' causal
 # Performer keeps an N x m x d tensor per position).
 PEER_MAX_LENGTH = {("hf-bigbird", False): 8192, ("lucidrains-performer", True): 4096}
@@ -42,10 +47,11 @@ class Result:
 
 def build(method: str, length: int, causal: bool) -> torch.nn.Module:
     """The layer for ``method``: a function of x [1, N, 768] returning [1, N, 768]."""
-    if method in VARIANTS:
+    if method in VARIANTS or method in MATCHED:
         from .benchmark_layer import attention_layer
 
-        layer = attention_layer(method, HIDDEN, HEADS, max_positions=max(length, 512))
+        variant, settings = MATCHED.get(method, (method, {}))
+        layer = attention_layer(variant, HIDDEN, HEADS, max_positions=max(length, 512), **settings)
         layer.self.is_causal = causal
         return lambda x: layer(x)[0]
     if method == "hf-bigbird":
@@ -155,8 +161,8 @@ def attended_keys(method: str, length: int, causal: bool) -> float:
     if method in ("bigbird", "hf-bigbird"):
         window = 2 if causal else 3
         return min(length, (window + 2 + 3) * 64)
-    if method == "lsh":
-        return min(length, 2 * 64 + 2 * 64)  # positional window c + bucket window c per round (2 rounds)
+    if method in LSH_HASHES:  # positional window c + bucket window c per round
+        return min(length, 64 * (1 + LSH_HASHES[method]))
     if method.startswith("hf-reformer"):
         return min(length, 2 * 64 * int(method.rsplit("-", 1)[1]))
     raise ValueError(method)
@@ -234,6 +240,53 @@ def render(rows: list[dict], gflops: float) -> str:
     return "\n".join(lines)
 
 
+# The issue's targets (fwd+bwd, one layer, 16384 tokens): time / SDPA per (method, causal); None = no target.
+SDPA_TARGETS = {("linformer", False): 0.13, ("performer", False): 0.13, ("performer", True): 0.35,
+                ("bigbird", False): 0.16, ("bigbird", True): 0.16, ("lsh-1", False): 0.12, ("lsh-1", True): 0.12,
+                ("lsh-4", False): 0.18, ("lsh-4", True): 0.18}
+FLOOR_TARGET, MEMORY_TARGET_MB, SLOPE_TARGET = 1.4, 1500, 1.1
+
+
+def summary(rows: list[dict]) -> str:
+    """Forward+backward at the longest lengths against the targets: x SDPA, x floor, peak memory, its log-log slope
+    between 4096 and 16384 tokens, and the crossover (the shortest length from which on it beats SDPA)."""
+    lines = ["| method | causal | × SDPA at 16384 (target) | × floor at 8192 / 16384 (target ≤ 1.4) | "
+             "peak MB at 16384 (≤ 1500) | memory slope 4096→16384 (≤ 1.1) | beats SDPA from |",
+             "|---|---|---|---|---|---|---|"]
+
+    def row(method, length, causal):
+        return next((r for r in rows if r["method"] == method and r["length"] == length and r["causal"] == causal
+                     and r["mode"] == "forward+backward" and r["seconds"] is not None), None)
+
+    methods = [m for m in (*VARIANTS, *MATCHED, *PEERS) if m != "full"]
+    for causal in (False, True):
+        for method in methods:
+            longest, middle, short = row(method, 16384, causal), row(method, 8192, causal), row(method, 4096, causal)
+            if longest is None:
+                continue
+            target = SDPA_TARGETS.get((method, causal))
+            floors = " / ".join(f"{r['vs_floor']:.2f}" for r in (middle, longest) if r)
+            slope = (math.log(longest["peak_mb"] / short["peak_mb"]) / math.log(4)
+                     if short and short["peak_mb"] > 0 and longest["peak_mb"] > 0 else float("nan"))
+            crossover = None  # the shortest length from which on every measured length beats SDPA
+            for length in sorted(LENGTHS, reverse=True):
+                measured = row(method, length, causal)
+                if measured is None or measured["vs_sdpa"] >= 1:
+                    break
+                crossover = length
+            lines.append(
+                f"| {method} | {'yes' if causal else 'no'} | {longest['vs_sdpa']:.2f}"
+                f"{f' ({target})' if target else ''} | {floors} | {longest['peak_mb']:.0f} | {slope:.2f} | "
+                f"{crossover or 'none'} |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], gflops: float) -> str:
+    """results.md: the summary against the targets, then every measured row."""
+    return ("# Attention layer benchmark\n\n## Against the targets (forward+backward)\n\n" + summary(rows)
+            + "\n\n## Every configuration\n\n" + render(rows, gflops))
+
+
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     """Log-log time and memory vs length, one line per method, per (causal, mode)."""
     import matplotlib
@@ -251,7 +304,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
             for method in sorted({r["method"] for r in subset}):
                 points = sorted((r["length"], r["seconds"], r["peak_mb"]) for r in subset if r["method"] == method)
                 lengths = [p[0] for p in points]
-                style = "-" if method in VARIANTS else "--"
+                style = "-" if method in VARIANTS or method in MATCHED else "--"
                 time_axis.plot(lengths, [p[1] for p in points], style, marker="o", label=method)
                 memory_axis.plot(lengths, [max(p[2], 1) for p in points], style, marker="o", label=method)
             for axis, label in ((time_axis, "seconds"), (memory_axis, "peak MB")):
@@ -316,7 +369,7 @@ def main(argv=None) -> int:
                         help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smoke run: 256 tokens, forward+backward, 1 run")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
-    parser.add_argument("--methods", nargs="+", default=list(VARIANTS + PEERS))
+    parser.add_argument("--methods", nargs="+", default=[*VARIANTS, *MATCHED, *PEERS])
     parser.add_argument("--modes", nargs="+", default=["forward", "forward+backward"])
     parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=3)
@@ -339,7 +392,7 @@ def main(argv=None) -> int:
         rows = [json.loads(line) for line in (out / "partial.jsonl").read_text().splitlines()]
         gflops = json.loads((out / "machine.json").read_text())["matmul_gflops"]
         rows = finish(rows, gflops, out)
-        (out / "results.md").write_text("# Attention layer benchmark\n\n" + render(rows, gflops))
+        (out / "results.md").write_text(report(rows, gflops))
         plot(rows, out)
         return 0
     if args.quick:  # a smoke run: no timing claims
@@ -350,7 +403,7 @@ def main(argv=None) -> int:
     rows = run_all(args.methods, args.lengths, args.modes, causal_modes, args.repeats, out, args.timeout)
     gflops = json.loads((out / "results.json").read_text())["matmul_gflops"]
     text = render(rows, gflops)
-    (out / "results.md").write_text("# Attention layer benchmark\n\n" + text)
+    (out / "results.md").write_text(report(rows, gflops))
     paths = plot(rows, out) if not args.quick else []
     print(text)
     print(f"written: {out / 'results.md'}, {out / 'results.json'}" + "".join(f", {p}" for p in paths))

@@ -24,3 +24,22 @@ def test_flop_model_is_linear_for_variants_and_quadratic_for_sdpa():
         assert abs(ratio - 2) < 0.01
     assert flops("full", 16384, False, "forward") / flops("full", 8192, False, "forward") > 2.5
     assert flops("full", 4096, True, "forward") < flops("full", 4096, False, "forward")
+
+
+def test_summary_reports_ratios_slope_and_crossover_against_the_targets():
+    from hf_attn_variants.benchmark import LENGTHS, summary
+
+    rows = []
+    for length in LENGTHS:
+        sdpa = length * length / 1e6
+        rows.append({"method": "full", "length": length, "causal": False, "mode": "forward+backward",
+                     "seconds": sdpa, "vs_sdpa": 1.0, "vs_floor": 1.0, "peak_mb": 100.0})
+        seconds = 2.0 + length / 1e4  # loses to SDPA at 512 and 1024 only
+        rows.append({"method": "performer", "length": length, "causal": False, "mode": "forward+backward",
+                     "seconds": seconds, "vs_sdpa": seconds / sdpa, "vs_floor": 1.2, "peak_mb": length / 10})
+    line = next(line for line in summary(rows).splitlines() if line.startswith("| performer | no |"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[2] == f"{(2.0 + 16384 / 1e4) / (16384**2 / 1e6):.2f} (0.13)"
+    assert cells[3] == "1.20 / 1.20" and cells[4] == "1638"
+    assert cells[5] == "1.00"  # peak memory grows linearly: log-log slope 1
+    assert cells[6] == "2048"

@@ -112,29 +112,26 @@ def local_window_start(
     return torch.maximum(torch.minimum(q_pos - width // 2, upper), lo.unsqueeze(-1))
 
 
-def local_attention(query, key, value, key_mask, q_pos, start, width, scaling, dropout):
-    """Softmax over each query's positional window, computed by query blocks of ``width`` against the 3 * width
-    keys around each block (every window lies in [p - width, p + width]). Returns (out [B, H, Lq, D], lse)."""
+def local_attention(query, key, value, key_mask, start, width, scaling, dropout):
+    """Softmax over each query's positional window [start, start + width), by query blocks of ``width`` against
+    the 2 * width keys from the block's first window start (window starts grow by at most 1 per position, so the
+    block's last window ends inside that span). start [B or 1, Lq]. Returns (out [B, H, Lq, D], lse [B, H, Lq])."""
     bsz, heads, lq, _ = query.shape
     lk = key.shape[2]
-    device = query.device
     q_blocks = _blocks(query, width)  # (B, H, nb, w, D)
     nb = q_blocks.shape[2]
-    block_first = torch.cat([q_pos, q_pos.new_full((nb * width - lq,), lk)])[::width]  # first position per block
-    span = block_first.unsqueeze(-1) - width + torch.arange(3 * width, device=device)  # (nb, 3w) key positions
+    starts = _blocks(start.unsqueeze(1), width).squeeze(1)  # (B or 1, nb, w); padding rows start at 0
+    span = starts[:, :, :1] + torch.arange(2 * width, device=query.device)  # (B or 1, nb, 2w) key positions
     span_ok = (span >= 0) & (span < lk)
     span = span.clamp(0, lk - 1)
-    starts = _blocks(start.expand(bsz, lq).unsqueeze(1), width).squeeze(1)  # (B, nb, w)
+    if key_mask is not None:
+        span_ok = span_ok & key_mask.gather(1, span.flatten(1)).view_as(span)
 
-    def allowed(lo: int, hi: int) -> torch.Tensor:  # (B, 1, G, w, 3w)
-        keys = span[None, lo:hi, None, :]
-        first = starts[:, lo:hi, :, None]
-        ok = (keys >= first) & (keys < first + width) & span_ok[None, lo:hi, None, :]
-        if key_mask is not None:
-            ok = ok & key_mask[:, span[lo:hi]].unsqueeze(2)
-        return ok.unsqueeze(1)
+    def allowed(lo: int, hi: int) -> torch.Tensor:  # (B or 1, 1, G, w, 2w)
+        keys, first = span[:, lo:hi, None, :], starts[:, lo:hi, :, None]
+        return ((keys >= first) & (keys < first + width) & span_ok[:, lo:hi, None, :]).unsqueeze(1)
 
-    out, lse = gathered_attention(q_blocks, key, value, span, allowed, scaling, dropout)  # (B, H, nb, w, D)
+    out, lse = gathered_attention(q_blocks, key, value, span.unsqueeze(1), allowed, scaling, dropout)
     return out.reshape(bsz, heads, nb * width, -1)[:, :, :lq], lse.reshape(bsz, heads, nb * width)[:, :, :lq]
 
 
@@ -239,7 +236,7 @@ def lsh_attention(
     query, key, value = query.to(dtype), key.to(dtype).contiguous(), value.to(dtype).contiguous()
     q_pos = torch.arange(lk - query.shape[2], lk, device=query.device)
     local_start = local_window_start(q_pos, key_mask, lk, width, is_causal)
-    out_local, lse_local = local_attention(query, key, value, key_mask, q_pos, local_start, width, scaling, dropout)
+    out_local, lse_local = local_attention(query, key, value, key_mask, local_start, width, scaling, dropout)
     # Each round is the softmax over (positional window + its bucket window); rounds are combined by log-sum-exp,
     # so the positional window counts once per round: one combination with its lse raised by log(rounds).
     outputs, lses = [out_local], [lse_local + math.log(len(rotations))]
