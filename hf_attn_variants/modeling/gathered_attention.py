@@ -56,6 +56,7 @@ class GatheredAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises instead of going wrong
     def backward(ctx, grad_out, grad_lse):
         query, key, value, key_index, out, lse = ctx.saved_tensors
         mask, scaling, dropout, seed = ctx.settings

@@ -220,6 +220,7 @@ class NonCausalFavor(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises instead of going wrong
     def backward(ctx, grad_out):
         query, key, value, features, valid, state, shift, out, denominator = ctx.saved_tensors
         scaling, kernel = ctx.settings
@@ -285,6 +286,7 @@ class CausalFavor(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises instead of going wrong
     def backward(ctx, grad_out):
         query, key, value, features, valid, out, denominator = ctx.saved_tensors
         scaling, kernel, key_spans, shifts, prefixes = ctx.settings
