@@ -270,7 +270,14 @@ def interface_output(out: torch.Tensor) -> tuple[torch.Tensor, None]:
 
 
 def log_sum_exp_combine(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
-    """Combine partial softmax outputs [B, H, L, D] weighted by their log-normalisers [B, H, L]."""
-    lse = torch.stack(lses)  # (R, B, H, L)
-    weights = torch.softmax(lse, dim=0).unsqueeze(-1)
-    return (torch.stack(outputs) * weights).sum(0)
+    """Combine partial softmax outputs [B, H, L, D] weighted by their log-normalisers [B, H, L].
+
+    A running sum rather than one stacked product: autograd then keeps only the small weights (the outputs are
+    alive anyway), not an R x [B, H, L, D] stack.
+    """
+    total = torch.logsumexp(torch.stack(lses), dim=0)
+    combined = None
+    for out, lse in zip(outputs, lses, strict=True):
+        part = out * torch.exp(lse - total).unsqueeze(-1)
+        combined = part if combined is None else combined + part
+    return combined
