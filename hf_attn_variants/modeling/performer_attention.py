@@ -121,13 +121,19 @@ class FeatureMap:
             out = logits.sub_(shift).exp_()
         return out if valid is None else out.masked_fill_(~valid, 0.0)
 
-    def key_max(self, logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
-        """Max logit over the valid keys of a span, [B, H, 1, 1] (None for relu, which needs no shift)."""
+    def advance_shift(self, logits, valid, shift, state):
+        """The running max over the valid keys so far, [B, H, 1, 1], after a span of key logits, and the state
+        summed against the old max rescaled to it (a new tensor: earlier states stay as they were). relu needs no
+        shift: (None, state)."""
         if self.kernel == "relu":
-            return None
+            return None, state
         if valid is not None:
             logits = logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
-        return logits.amax(dim=(-1, -2), keepdim=True)
+        span_max = logits.amax(dim=(-1, -2), keepdim=True)
+        new_shift = span_max if shift is None else torch.maximum(shift, span_max)
+        if state is not None:
+            state = state * torch.exp(shift - new_shift)
+        return new_shift, state
 
     def backward(self, xs: torch.Tensor, phi: torch.Tensor, grad_phi: torch.Tensor) -> torch.Tensor:
         """d loss / d xs from d loss / d phi (grad_phi is consumed). Padded keys have phi = 0, so no gradient."""
@@ -151,10 +157,12 @@ def output_gradients(grad: torch.Tensor, out: torch.Tensor, denominator: torch.T
 
 
 def spans(length: int, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of ``size`` rows covering ``length``."""
     return [(lo, min(lo + size, length)) for lo in range(0, length, size)]
 
 
 def rows(x: torch.Tensor | None, span: tuple[int, int]) -> torch.Tensor | None:
+    """x [B, H, L, ...] restricted to the rows of ``span`` (None stays None)."""
     return None if x is None else x[:, :, span[0] : span[1]]
 
 
@@ -200,15 +208,10 @@ class NonCausalFavor(torch.autograd.Function):
         shift, state = None, None  # state: [B, H, m, D + 1] = (S, z) relative to exp(shift)
         for span in spans(ks.shape[2], NONCAUSAL_BLOCK):
             logits = fmap.logits(rows(ks, span))
-            span_max = fmap.key_max(logits, rows(valid, span))
-            if span_max is not None:
-                new_shift = span_max if shift is None else torch.maximum(shift, span_max)
-                if state is not None:  # earlier blocks were summed against a smaller max
-                    state.mul_(torch.exp(shift - new_shift))
-                shift = new_shift
+            shift, state = fmap.advance_shift(logits, rows(valid, span), shift, state)
             phi = fmap.keys(logits, shift, rows(valid, span))
             contribution = torch.matmul(phi.transpose(-1, -2), rows(v1, span))
-            state = contribution if state is None else state.add_(contribution)
+            state = contribution if state is None else state + contribution
         out = torch.empty_like(query)
         denominator = query.new_empty(query.shape[:-1] + (1,))
         for span in spans(qs.shape[2], NONCAUSAL_BLOCK):
@@ -263,12 +266,7 @@ class CausalFavor(torch.autograd.Function):
         shift, state, shifts, prefixes = None, None, [], []
         for span in key_spans:
             logits = fmap.logits(rows(ks, span))
-            span_max = fmap.key_max(logits, rows(valid, span))
-            if span_max is not None:
-                new_shift = span_max if shift is None else torch.maximum(shift, span_max)
-                if state is not None:
-                    state = state * torch.exp(shift - new_shift)
-                shift = new_shift
+            shift, state = fmap.advance_shift(logits, rows(valid, span), shift, state)
             shifts.append(shift)
             prefixes.append(state)
             phi_k = fmap.keys(logits, shift, rows(valid, span))
