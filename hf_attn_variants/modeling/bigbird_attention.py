@@ -113,18 +113,17 @@ class BlockMask:
     """Which gathered keys each query of a group of query blocks may attend: [B, 1, G, b, S*b] bool (the slot is
     valid - in range, not a duplicate -, the key is not padding, and, when causal, not in the future)."""
 
-    def __init__(self, selected, slot_valid, key_valid, query_blocks, block_size: int, is_causal: bool):
-        self.selected, self.slot_valid, self.key_valid = selected, slot_valid, key_valid  # [nq, S], [nq, S], [B, Nk]
+    def __init__(self, key_pos, slot_valid, key_valid, query_blocks, block_size: int, is_causal: bool):
+        self.key_pos, self.slot_valid, self.key_valid = key_pos, slot_valid, key_valid  # [nq, S*b], [nq, S], [B, Nk]
         self.query_blocks, self.block_size, self.is_causal = query_blocks, block_size, is_causal
 
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
         rows, b = slice(lo, hi), self.block_size
-        offsets = torch.arange(b, device=self.selected.device)
-        key_pos = (self.selected[rows, :, None] * b + offsets).flatten(1)  # (G, S*b)
+        key_pos = self.key_pos[rows]  # (G, S*b)
         allowed = self.slot_valid[rows].repeat_interleave(b, dim=1)[None] & self.key_valid[:, key_pos]
         allowed = allowed[:, None, :, None, :]  # (B, 1, G, 1, S*b)
         if self.is_causal:
-            query_pos = self.query_blocks[rows, None] * b + offsets  # (G, b)
+            query_pos = self.query_blocks[rows, None] * b + torch.arange(b, device=key_pos.device)  # (G, b)
             allowed = allowed & (key_pos[:, None, :] <= query_pos[:, :, None])[None, None]
         return allowed
 
@@ -150,8 +149,8 @@ def block_sparse_attention(
     pad_k = nk * b - lk
     key_valid = torch.ones(bsz, lk, dtype=torch.bool, device=device) if key_mask is None else key_mask
     key_valid = nn.functional.pad(key_valid, (0, pad_k), value=False)  # (B, nk*b)
-    key = nn.functional.pad(key, (0, 0, 0, pad_k)).view(bsz, heads, nk, b, dim)
-    value = nn.functional.pad(value, (0, 0, 0, pad_k)).view(bsz, heads, nk, b, dim)
+    key = nn.functional.pad(key, (0, 0, 0, pad_k))  # (B, H, nk*b, D)
+    value = nn.functional.pad(value, (0, 0, 0, pad_k))
 
     offset = lk - lq
     first_qb = offset // b
@@ -161,27 +160,17 @@ def block_sparse_attention(
     query_blocks = torch.arange(first_qb, nk, device=device)
 
     selected, slot_valid = block_selection(query_blocks, nk, settings, random_table, is_causal)  # (nq, S)
-    mask = BlockMask(selected, slot_valid, key_valid, query_blocks, b, is_causal)
     key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).flatten(1)  # (nq, S*b)
+    mask = BlockMask(key_pos, slot_valid, key_valid, query_blocks, b, is_causal)
     dtype = compute_dtype(query.dtype)
-    out, _ = gathered_attention(query.to(dtype), key.flatten(2, 3).to(dtype), value.flatten(2, 3).to(dtype), key_pos,
-                                mask, scaling, dropout)
+    out, _ = gathered_attention(query.to(dtype), key.to(dtype), value.to(dtype), key_pos, mask, scaling, dropout)
     out = out.to(query.dtype).view(bsz, heads, nq * b, dim)
 
     global_rows = settings.global_blocks * b - (first_qb * b)
     if not is_causal and global_rows > 0:
         # Global query blocks attend every key (rows [g*b, N] only: linear in N).
-        dense_keys = key.view(bsz, heads, nk * b, dim)
-        dense_values = value.view(bsz, heads, nk * b, dim)
-        dense = exact_attention(
-            query.view(bsz, heads, nq * b, dim)[:, :, :global_rows],
-            dense_keys,
-            dense_values,
-            key_valid,
-            False,
-            scaling,
-            dropout,
-        )
+        dense = exact_attention(query.view(bsz, heads, nq * b, dim)[:, :, :global_rows], key, value, key_valid,
+                                False, scaling, dropout)
         out = torch.cat([dense, out[:, :, global_rows:]], dim=2)
     return out[:, :, q_lead : q_lead + lq]
 
