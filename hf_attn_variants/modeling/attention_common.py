@@ -264,6 +264,11 @@ def prepare_call(
     )
 
 
+def spans(length: int, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of ``size`` rows covering ``length``."""
+    return [(lo, min(lo + size, length)) for lo in range(0, length, size)]
+
+
 def interface_output(out: torch.Tensor) -> tuple[torch.Tensor, None]:
     """[B, H, Lq, D] -> the interface's ([B, Lq, H, D], None)."""
     return out.transpose(1, 2).contiguous(), None

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from .attention_common import masked_fill_value
+from .attention_common import masked_fill_value, spans
 
 # Elements of one group's score tensor [*, G, w, K]: small enough to stay in cache, large enough for fast matmuls.
 GROUP_ELEMENTS = 1 << 22
@@ -42,7 +42,7 @@ class GatheredAttention(torch.autograd.Function):
         lse = query.new_empty(query.shape[:-1])
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
         for lo, hi in group_spans(query, key_index.shape[-1]):
-            index = flat_index(key_index, query, key, lo, hi)
+            index = flat_index(key_index, key, lo, hi)
             keys, values = gather_rows(key, index), gather_rows(value, index)
             scores = masked_scores(query[..., lo:hi, :, :], keys, mask(lo, hi), scaling)
             group_lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp_min_(NO_KEY_LSE)
@@ -66,7 +66,7 @@ class GatheredAttention(torch.autograd.Function):
         # d scores = P * (dP - rowsum(dO * O) + d lse)
         delta = (grad_out * out).sum(-1, keepdim=True) - grad_lse.unsqueeze(-1)
         for lo, hi in group_spans(query, key_index.shape[-1]):
-            index = flat_index(key_index, query, key, lo, hi)
+            index = flat_index(key_index, key, lo, hi)
             keys, values = gather_rows(key, index), gather_rows(value, index)
             queries, grads = query[..., lo:hi, :, :], grad_out[..., lo:hi, :, :]
             probs = masked_scores(queries, keys, mask(lo, hi), scaling).sub_(lse[..., lo:hi, :, None]).exp_()
@@ -100,14 +100,19 @@ def group_spans(query: torch.Tensor, keys_per_query: int) -> list[tuple[int, int
     """Ranges of query blocks processed together (each group's scores hold about GROUP_ELEMENTS numbers)."""
     *lead, blocks, width, _ = query.shape
     size = max(1, GROUP_ELEMENTS // (math.prod(lead) * width * keys_per_query))
-    return [(lo, min(lo + size, blocks)) for lo in range(0, blocks, size)]
+    return spans(blocks, size)
 
 
-def flat_index(key_index: torch.Tensor, query: torch.Tensor, key: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def flat_index(key_index: torch.Tensor, key: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Rows of key.reshape(-1, D) that the query blocks lo..hi-1 gather: [*, G, K]."""
-    lead = query.shape[:-3]
-    base = torch.arange(math.prod(lead), device=key.device).view(*lead, 1, 1) * key.shape[-2]
-    return key_index[..., lo:hi, :] + base
+    return key_index[..., lo:hi, :] + row_offsets(key, 2)
+
+
+def row_offsets(x: torch.Tensor, trailing: int) -> torch.Tensor:
+    """The first row of each leading index of x [*, L, D] in x.reshape(-1, D), shaped [*, 1 (x trailing)]: added to
+    positions along L, it gives flat rows."""
+    lead = x.shape[:-2]
+    return torch.arange(math.prod(lead), device=x.device).view(*lead, *([1] * trailing)) * x.shape[-2]
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .attention_common import (
     log_sum_exp_combine,
     prepare_call,
 )
-from .gathered_attention import gathered_attention
+from .gathered_attention import gather_rows, gathered_attention, row_offsets
 
 # Queries per block of the bucket window = bucket_size // BUCKET_BLOCK_DIVISOR.
 BUCKET_BLOCK_DIVISOR = 2
@@ -79,9 +79,7 @@ def hash_buckets(x: torch.Tensor, rotation: torch.Tensor, num_buckets: int) -> t
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [B, H, L, D], index [B, H, ...] of positions along L -> [B, H, ..., D] (row gather, no expand over D)."""
-    bsz, heads, length, dim = x.shape
-    base = torch.arange(bsz * heads, device=x.device).view(bsz, heads, *([1] * (index.dim() - 2))) * length
-    return x.reshape(-1, dim)[(index + base).reshape(-1)].view(*index.shape, dim)
+    return gather_rows(x, index + row_offsets(x, index.dim() - 2))
 
 
 def _blocks(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -198,10 +196,10 @@ def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_s
         local_i = s_local.reshape(bsz, heads, padded)[b, h, i].unsqueeze(-1)
         ok = window < s_upper.reshape(bsz, heads, padded)[b, h, i].unsqueeze(-1)
         ok = (ok & ((w_pos < local_i) | (w_pos >= local_i + width))).view(1, 1, count, 1, width)
-        rows = (b * heads + h).unsqueeze(-1) * lk + w_pos  # rows of the flattened [B * H * Lk, D] keys
+        key_rows = (b * heads + h).unsqueeze(-1) * lk + w_pos  # rows of the flattened [B * H * Lk, D] keys
         out_i, lse_i = gathered_attention(
             sorted_queries[b, h, i].view(1, 1, count, 1, dim), key.reshape(1, 1, -1, dim),
-            value.reshape(1, 1, -1, dim), rows.view(1, 1, count, width), lambda lo, hi: ok[:, :, lo:hi], scaling,
+            value.reshape(1, 1, -1, dim), key_rows.view(1, 1, count, width), lambda lo, hi: ok[:, :, lo:hi], scaling,
             dropout,
         )
         out = out.index_put((b, h, i), out_i.view(count, dim))

@@ -21,6 +21,7 @@ from .attention_common import (
     compute_dtype,
     interface_output,
     prepare_call,
+    spans,
 )
 
 KERNELS = ("softmax", "relu")
@@ -154,11 +155,6 @@ def output_gradients(grad: torch.Tensor, out: torch.Tensor, denominator: torch.T
     den = floored(denominator)
     grad_den = -(grad * out).sum(-1, keepdim=True) / den
     return grad / den, grad_den.masked_fill_(denominator < NORMALISER_FLOOR, 0.0)
-
-
-def spans(length: int, size: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of ``size`` rows covering ``length``."""
-    return [(lo, min(lo + size, length)) for lo in range(0, length, size)]
 
 
 def rows(x: torch.Tensor | None, span: tuple[int, int]) -> torch.Tensor | None:
