@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import flash_attention_mask
 
 __all__ = [
     "SettingsBase",
@@ -19,6 +20,8 @@ __all__ = [
     "key_padding_mask",
     "exact_attention",
     "masked_fill_value",
+    "padding_mask",
+    "per_unpadded_row",
 ]
 
 
@@ -86,6 +89,32 @@ def key_padding_mask(attention_mask: torch.Tensor | None, key: torch.Tensor) -> 
     if bool(mask.all()):
         return None
     return mask
+
+
+def padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The mask the linear-memory variants get (registered in AttentionMaskInterface): a 2-D [B, filled] bool key
+    mask, None when every key is a real token. Never N x N.
+
+    transformers' ``flash_attention_mask`` plus one case it leaves out: a preallocated (static) cache passes
+    ``kv_length`` = its capacity while only ``q_offset + q_length`` slots are filled. The mask's length then says
+    how many keys are real, even without padding, and the variants drop the unfilled slots (``prepare_call``).
+    """
+    filled = int(q_offset) + q_length  # a tensor for static caches: one host read per forward, not per layer
+    if filled < kv_length:
+        if attention_mask is None:
+            return torch.ones(batch_size, filled, dtype=torch.bool, device=device)
+        return attention_mask[:, -filled:].bool()
+    return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -250,16 +279,23 @@ def prepare_call(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None,
+    is_causal: bool | None = None,
 ) -> AttentionCall:
-    """The state, GQA-expanded key/value, boolean padding mask, causality and scale of an interface call."""
+    """The state, GQA-expanded key/value, boolean padding mask, causality and scale of an interface call.
+
+    Causality is ``is_causal`` when the caller passes it (as transformers' SDPA honours), else ``module.is_causal``.
+    """
     state = state_for_module(module, state_class, query)
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] < key.shape[2]:
+        # A static cache: key slots past the mask are preallocated but not yet written (see padding_mask).
+        key, value = key[:, :, : attention_mask.shape[1]], value[:, :, : attention_mask.shape[1]]
     key, value = expand_kv_heads(module, key, value)
     return AttentionCall(
         state=state,
         key=key,
         value=value,
         key_mask=key_padding_mask(attention_mask, key),
-        is_causal=bool(getattr(module, "is_causal", False)),
+        is_causal=bool(is_causal if is_causal is not None else getattr(module, "is_causal", False)),
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
     )
 
@@ -267,6 +303,29 @@ def prepare_call(
 def spans(length: int, size: int) -> list[tuple[int, int]]:
     """[lo, hi) ranges of ``size`` rows covering ``length``."""
     return [(lo, min(lo + size, length)) for lo in range(0, length, size)]
+
+
+def per_unpadded_row(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Run ``attend(query, key, value)`` on each batch row with its padding removed, so a position-dependent pattern
+    (BigBird's block grid, LSH's positional window) counts real tokens only and the padding amount cannot move a
+    real output. query [B, H, Lq, D] (query i at key position Lk - Lq + i), key/value [B, H, Lk, D], key_mask
+    [B, Lk] bool or None. Padded query rows get zeros. Returns [B, H, Lq, D].
+    """
+    if key_mask is None:
+        return attend(query, key, value)
+    lq, lk = query.shape[2], key.shape[2]
+    rows = []
+    for b in range(query.shape[0]):
+        real = key_mask[b].nonzero().squeeze(1)  # real keys, in order; the real queries are the last of them
+        real_queries = real[real >= lk - lq] - (lk - lq)
+        out = query.new_zeros(1, *query.shape[1:])
+        if real.numel():
+            part = attend(query[b : b + 1].index_select(2, real_queries), key[b : b + 1].index_select(2, real),
+                          value[b : b + 1].index_select(2, real))
+            out = out.index_copy(2, real_queries, part.to(out.dtype))
+        rows.append(out)
+    return torch.cat(rows)
 
 
 def interface_output(out: torch.Tensor) -> tuple[torch.Tensor, None]:

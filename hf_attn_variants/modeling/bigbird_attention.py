@@ -22,6 +22,7 @@ from .attention_common import (
     compute_dtype,
     exact_attention,
     interface_output,
+    per_unpadded_row,
     prepare_call,
 )
 from .gathered_attention import gathered_attention
@@ -58,16 +59,18 @@ class BigBirdState(VariantState):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        values = torch.rand(self.random_table.shape, generator=self.generator())
-        self.random_table.copy_(values.to(self.random_table.device))
+        # float32 whatever the default dtype, so a bf16 build draws the same blocks
+        values = torch.rand(self.random_table.shape, generator=self.generator(), dtype=torch.float32)
+        self.random_table.copy_(values.to(self.random_table.device, self.random_table.dtype))
 
     def table(self, num_blocks: int) -> torch.Tensor:
         """The first ``num_blocks`` rows; rows past the saved table continue the same seeded stream."""
         rows = self.random_table.shape[0]
         if num_blocks <= rows:
             return self.random_table[:num_blocks]
-        extra = torch.rand(num_blocks, self.settings.random_blocks, generator=self.generator(1))[rows:]
-        return torch.cat([self.random_table, extra.to(self.random_table.device)])
+        shape = (num_blocks, self.settings.random_blocks)
+        extra = torch.rand(shape, generator=self.generator(1), dtype=torch.float32)[rows:]
+        return torch.cat([self.random_table, extra.to(self.random_table.device, self.random_table.dtype)])
 
 
 def block_selection(
@@ -99,7 +102,7 @@ def block_selection(
     strata = torch.arange(r, device=device)
     stratum_lo = strata * allowed // r
     stratum_hi = (strata + 1) * allowed // r
-    uniforms = random_table[query_blocks].to(device)
+    uniforms = random_table[query_blocks].to(device, torch.float32)
     pick = stratum_lo + (uniforms * (stratum_hi - stratum_lo)).long()
     pick = torch.minimum(pick, (stratum_hi - 1).clamp_min(0))
     rand = torch.where(pick < first_len, g + pick, second_start + pick - first_len)
@@ -186,17 +189,20 @@ def bigbird_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None)."""
-    call = prepare_call(module, BigBirdState, query, key, value, attention_mask, scaling)
-    key, value, key_mask, is_causal, scaling = call.key, call.value, call.key_mask, call.is_causal, call.scaling
-    settings = call.state.settings
-    num_key_blocks = -(-key.shape[2] // settings.block_size)
-    if num_key_blocks <= settings.dense_below(is_causal):
-        logger.warning_once(
-            f"bigbird: inputs of at most {settings.dense_below(is_causal) * settings.block_size} tokens are covered "
-            "by the sparse pattern, so they use exact attention (this call only; longer inputs stay sparse)."
-        )
-        out = exact_attention(query, key, value, key_mask, is_causal, scaling, dropout)
-    else:
+    call = prepare_call(module, BigBirdState, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
+    settings, is_causal = call.state.settings, call.is_causal
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # one row, no padding
+        num_key_blocks = -(-k.shape[2] // settings.block_size)
+        if num_key_blocks <= settings.dense_below(is_causal):
+            logger.warning_once(
+                f"bigbird: inputs of at most {settings.dense_below(is_causal) * settings.block_size} tokens are "
+                "covered by the sparse pattern, so they use exact attention (this call only; longer inputs stay "
+                "sparse)."
+            )
+            return exact_attention(q, k, v, None, is_causal, call.scaling, dropout)
         table = call.state.table(num_key_blocks)
-        out = block_sparse_attention(query, key, value, key_mask, is_causal, scaling, settings, table, dropout)
-    return interface_output(out)
+        return block_sparse_attention(q, k, v, None, is_causal, call.scaling, settings, table, dropout)
+
+    # The block grid, global and random blocks are counted over real tokens only: padding cannot move an output.
+    return interface_output(per_unpadded_row(attend, query, call.key, call.value, call.key_mask))

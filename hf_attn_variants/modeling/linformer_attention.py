@@ -154,7 +154,7 @@ def linformer_attention_forward(
             "attention 'linformer' is not causal: its projections mix future positions into every key. "
             "Use 'performer', 'bigbird' or 'lsh' for decoders (GPT-2, Llama, ...)."
         )
-    call = prepare_call(module, LinformerState, query, key, value, attention_mask, scaling)
+    call = prepare_call(module, LinformerState, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
     state = call.state
     if call.key.shape[2] > state.max_length:
         raise ValueError(

@@ -26,6 +26,7 @@ from .attention_common import (
     exact_attention,
     interface_output,
     log_sum_exp_combine,
+    per_unpadded_row,
     prepare_call,
 )
 from .gathered_attention import gather_rows, gathered_attention, row_offsets
@@ -65,8 +66,8 @@ class LSHState(VariantState):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        values = torch.randn(self.rotations.shape, generator=self.generator())
-        self.rotations.copy_(values.to(self.rotations.device))
+        values = torch.randn(self.rotations.shape, generator=self.generator(), dtype=torch.float32)
+        self.rotations.copy_(values.to(self.rotations.device, self.rotations.dtype))
 
 
 def hash_buckets(x: torch.Tensor, rotation: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -262,7 +263,11 @@ def lsh_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None)."""
-    call = prepare_call(module, LSHState, query, key, value, attention_mask, scaling)
-    out = lsh_attention(query, call.key, call.value, call.state.rotations, call.key_mask, call.is_causal,
-                        call.scaling, call.state.settings, dropout)
-    return interface_output(out)
+    call = prepare_call(module, LSHState, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # one row, no padding
+        return lsh_attention(q, k, v, call.state.rotations, None, call.is_causal, call.scaling, call.state.settings,
+                             dropout)
+
+    # Positional windows count real tokens only: left padding cannot shorten a decoder's window.
+    return interface_output(per_unpadded_row(attend, query, call.key, call.value, call.key_mask))

@@ -172,18 +172,27 @@ class AttentionVariantMixin:
     family: str = ""
 
     def __init__(self, config, *args, **kwargs):
-        config._attn_implementation_internal = config.attention_type
+        if config._attn_implementation_internal is None:  # an explicit attn_implementation wins, as in transformers
+            config._attn_implementation_internal = config.attention_type
         super().__init__(config, *args, **kwargs)
         install_variant_states(self, self.family)
         if config.heads_per_layer is not None or config.intermediate_per_layer is not None:
             apply_config_shapes(self, self.family)
         install_length_checks(self, self.family)
 
-    def _initialize_missing_keys(self, is_quantized: bool) -> None:
+    def initialize_weights(self) -> None:
+        """transformers' initialisation, plus every variant state whose tensors were not loaded or initialised.
+
+        It runs for missing keys in ``from_pretrained`` and for ``init_weights()`` after a meta-device build and
+        ``to_empty()``. Done here rather than in ``_init_weights`` alone: transformers dispatches the inner base model's
+        modules to that stock model's own ``_init_weights``, which does not know the variant state.
+        """
         fresh = [m for m in self.modules() if isinstance(m, VariantState) and not _tensors_loaded(m)]
-        super()._initialize_missing_keys(is_quantized)
+        super().initialize_weights()
         for state in fresh:
             state.reset_parameters()
+            for tensor in state.state_dict(keep_vars=True).values():
+                tensor._is_hf_initialized = True
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         super()._init_weights(module)

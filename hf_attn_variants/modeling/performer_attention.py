@@ -46,13 +46,16 @@ class PerformerSettings(SettingsBase):
 
 
 def orthogonal_gaussian(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """[num_rows, dim] blocks of orthogonal rows, each row rescaled to a chi(dim) norm (FAVOR+ 'ORF')."""
+    """[num_rows, dim] blocks of orthogonal rows, each row rescaled to a chi(dim) norm (FAVOR+ 'ORF').
+
+    Drawn in float32 on the CPU whatever the default dtype (QR has no bf16/fp16 kernel; the draw must not depend on
+    the dtype a model is built in); callers cast."""
     blocks = []
     for _ in range(math.ceil(num_rows / dim)):
-        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float32))
         blocks.append(q.T)
     rows = torch.cat(blocks)[:num_rows]
-    norms = torch.randn(num_rows, dim, generator=generator).norm(dim=1, keepdim=True)
+    norms = torch.randn(num_rows, dim, generator=generator, dtype=torch.float32).norm(dim=1, keepdim=True)
     return rows * norms
 
 
@@ -340,7 +343,7 @@ def performer_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None). No attention dropout
     (there is no probability matrix to drop from)."""
-    call = prepare_call(module, PerformerState, query, key, value, attention_mask, scaling)
+    call = prepare_call(module, PerformerState, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
     call.state.step(module.training)
     settings = call.state.settings
     out = performer_attention(query, call.key, call.value, call.state.features, call.key_mask, call.is_causal,

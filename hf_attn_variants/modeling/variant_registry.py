@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.masking_utils import AttentionMaskInterface
 
-from .attention_common import SettingsBase, VariantState
+from .attention_common import SettingsBase, VariantState, padding_mask
 from .bigbird_attention import BigBirdSettings, BigBirdState, bigbird_attention_forward
 from .full_attention import FullSettings, full_attention_forward, full_attention_mask
 from .linformer_attention import LinformerSettings, LinformerState, linformer_attention_forward
@@ -30,19 +30,19 @@ class Variant:
     learned: bool
 
 
-# Linear-memory variants get flash_attention_mask: a 2-D [B, Lk] padding mask (None without padding), never N x N.
+# Linear-memory variants get padding_mask: a 2-D [B, Lk] padding mask (None without padding), never N x N.
 VARIANTS: dict[str, Variant] = {
     "full": Variant("full", full_attention_forward, full_attention_mask, FullSettings, None, True, False),
     "linformer": Variant(
-        "linformer", linformer_attention_forward, flash_attention_mask, LinformerSettings, LinformerState, False, True
+        "linformer", linformer_attention_forward, padding_mask, LinformerSettings, LinformerState, False, True
     ),
     "performer": Variant(
-        "performer", performer_attention_forward, flash_attention_mask, PerformerSettings, PerformerState, True, False
+        "performer", performer_attention_forward, padding_mask, PerformerSettings, PerformerState, True, False
     ),
     "bigbird": Variant(
-        "bigbird", bigbird_attention_forward, flash_attention_mask, BigBirdSettings, BigBirdState, True, False
+        "bigbird", bigbird_attention_forward, padding_mask, BigBirdSettings, BigBirdState, True, False
     ),
-    "lsh": Variant("lsh", lsh_attention_forward, flash_attention_mask, LSHSettings, LSHState, True, False),
+    "lsh": Variant("lsh", lsh_attention_forward, padding_mask, LSHSettings, LSHState, True, False),
 }
 
 
