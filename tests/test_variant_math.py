@@ -191,12 +191,13 @@ def test_performer_causal_chunking_equals_one_chunk():
 def dense_kernel_attention(q, k, v, features, key_mask, causal, kernel):
     """The same kernel attention with the full Lq x Lk matrix phi(q) phi(k)^T: what the linear-time core must equal."""
     x_q, x_k = q * math.sqrt(SCALE), k * math.sqrt(SCALE)
-    if kernel == "softmax":
-        phi_q = torch.exp(x_q @ features.T - 0.5 * (x_q * x_q).sum(-1, keepdim=True))
-        phi_k = torch.exp(x_k @ features.T - 0.5 * (x_k * x_k).sum(-1, keepdim=True))
+    w = features.transpose(-1, -2)  # [D, m], or [H, D, m] for per-head (learned) features
+    if kernel in ("softmax", "learned"):
+        phi_q = torch.exp(x_q @ w - 0.5 * (x_q * x_q).sum(-1, keepdim=True))
+        phi_k = torch.exp(x_k @ w - 0.5 * (x_k * x_k).sum(-1, keepdim=True))
     else:
-        phi_q = torch.relu(x_q @ features.T) / math.sqrt(features.shape[0]) + 1e-3
-        phi_k = torch.relu(x_k @ features.T) / math.sqrt(features.shape[0]) + 1e-3
+        phi_q = torch.relu(x_q @ w) / math.sqrt(features.shape[-2]) + 1e-3
+        phi_k = torch.relu(x_k @ w) / math.sqrt(features.shape[-2]) + 1e-3
     scores = phi_q @ phi_k.transpose(-1, -2)
     lq, lk = q.shape[2], k.shape[2]
     if causal:
@@ -206,7 +207,8 @@ def dense_kernel_attention(q, k, v, features, key_mask, causal, kernel):
     return scores @ v / scores.sum(-1, keepdim=True)
 
 
-PERFORMER_CASES = [(causal, kernel, lq) for causal in (False, True) for kernel in ("softmax", "relu") for lq in (11, 4)]
+PERFORMER_CASES = [(causal, kernel, lq) for causal in (False, True) for kernel in ("softmax", "relu", "learned")
+                   for lq in (11, 4)]
 
 
 @pytest.mark.parametrize("causal,kernel,query_length", PERFORMER_CASES)
@@ -214,24 +216,28 @@ def test_performer_core_equals_dense_kernel_attention_and_its_gradients_are_exac
     causal, kernel, query_length, monkeypatch
 ):
     """Forward equals the quadratic form of the same kernel (1e-10 in float64); the hand-written backward passes
-    gradcheck. Several chunks, several non-causal blocks, cached keys before the queries and padding on both ends."""
+    gradcheck. Several chunks, several non-causal blocks, cached keys before the queries and padding on both ends.
+    The learned kernel has one projection per head and its gradient is checked too."""
     from hf_attn_variants.modeling import performer_attention as module
 
     monkeypatch.setattr(module, "NONCAUSAL_BLOCK", 3)
     g = torch.Generator().manual_seed(5)
     q = torch.randn(B, H, query_length, 4, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(B, H, 11, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    features = orthogonal_gaussian(6, 4, g).double()
+    learned = kernel == "learned"
+    features = orthogonal_gaussian(6 * (H if learned else 1), 4, g).double()
+    features = features.view(H, 6, 4).requires_grad_() if learned else features
     mask = torch.ones(B, 11, dtype=torch.bool)
     mask[0, :2], mask[1, -3:] = False, False
 
-    def core(q, k, v):
+    def core(q, k, v, features=features):
         return performer_attention(q, k, v, features, mask, causal, SCALE, kernel, 3)
 
     expected = dense_kernel_attention(q, k, v, features, mask, causal, kernel)
     rows_with_keys = torch.isfinite(expected).all(-1)  # left padding leaves the first causal rows without keys
     torch.testing.assert_close(core(q, k, v)[rows_with_keys], expected[rows_with_keys], atol=1e-10, rtol=1e-10)
-    assert torch.autograd.gradcheck(core, (q, k, v))  # the full Jacobian: fast_mode missed a wrong lse gradient
+    inputs = (q, k, v, features) if learned else (q, k, v)
+    assert torch.autograd.gradcheck(core, inputs)  # the full Jacobian: fast_mode missed a wrong lse gradient
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -24,7 +24,7 @@ from .attention_common import (
     spans,
 )
 
-KERNELS = ("softmax", "relu")
+KERNELS = ("softmax", "relu", "learned")
 RELU_EPSILON = 1e-3
 # A normaliser below this means every key that matters to the query underflowed (huge logits): the row is left at
 # ~0 (its numerator) instead of 0/0, which keeps outputs and gradients finite without biasing ordinary rows.
@@ -35,14 +35,24 @@ NONCAUSAL_BLOCK = 1024
 
 @dataclasses.dataclass
 class PerformerSettings(SettingsBase):
-    """num_features: m random features; kernel: 'softmax' (FAVOR+) or 'relu'; redraw_interval: redraw the
-    features every N training forwards (0 = fixed); chunk_size: block length of the causal prefix sums."""
+    """num_features: m random features; kernel: 'softmax' (FAVOR+), 'relu', or 'learned' (FAVOR+'s positive
+    softmax features with a trainable projection per head, initialised at the FAVOR+ draw, so training starts where
+    FAVOR+ is; as T2R/Hedgehog learn their feature maps); redraw_interval: redraw the features every N training
+    forwards (0 = fixed; not with 'learned'); chunk_size: block length of the causal prefix sums."""
 
     variant = "performer"
     num_features: int = dataclasses.field(default=256, metadata={"positive_int": True})
     kernel: str = dataclasses.field(default="softmax", metadata={"choices": KERNELS})
     redraw_interval: int = dataclasses.field(default=0, metadata={"non_negative_int": True})
     chunk_size: int = dataclasses.field(default=128, metadata={"positive_int": True})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel == "learned" and self.redraw_interval:
+            raise ValueError(
+                f"performer setting redraw_interval={self.redraw_interval} would overwrite the learned features of "
+                "kernel='learned'; pass redraw_interval=0."
+            )
 
 
 def orthogonal_gaussian(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -60,13 +70,17 @@ def orthogonal_gaussian(num_rows: int, dim: int, generator: torch.Generator) -> 
 
 
 class PerformerState(VariantState):
-    """features: [m, D] random projection (buffer, saved with the weights)."""
+    """features: [m, D] random projection (buffer, saved with the weights); with kernel='learned' a parameter
+    [H, m, D], one projection per head, each starting at its own FAVOR+ draw."""
 
     settings_class = PerformerSettings
 
     def __init__(self, settings: PerformerSettings, num_heads: int, head_dim: int, max_positions: int, seed: int):
         super().__init__(settings, num_heads, head_dim, max_positions, seed)
-        self.register_buffer("features", torch.empty(settings.num_features, head_dim))
+        if settings.kernel == "learned":
+            self.features = nn.Parameter(torch.empty(num_heads, settings.num_features, head_dim))
+        else:
+            self.register_buffer("features", torch.empty(settings.num_features, head_dim))
         self.forward_calls = 0
         self.draws = 0
 
@@ -78,8 +92,15 @@ class PerformerState(VariantState):
     @torch.no_grad()
     def redraw(self, draw: int) -> None:
         """Draw feature set number ``draw`` (0 = the saved default) deterministically from the seed."""
-        values = orthogonal_gaussian(self.settings.num_features, self.head_dim, self.generator(draw))
-        self.features.copy_(values.to(self.features.device, self.features.dtype))
+        heads = self.features.shape[0] if self.features.dim() == 3 else 1
+        values = orthogonal_gaussian(heads * self.settings.num_features, self.head_dim, self.generator(draw))
+        self.features.copy_(values.view_as(self.features).to(self.features.device, self.features.dtype))
+
+    def prune_heads(self, keep_heads: list[int]) -> None:
+        super().prune_heads(keep_heads)
+        if self.features.dim() == 3:  # learned: one projection per head
+            index = torch.tensor(keep_heads, device=self.features.device)
+            self.features = nn.Parameter(self.features.detach()[index].clone())
 
     def step(self, training: bool) -> None:
         """Count a forward pass; redraw every ``redraw_interval`` training forwards when asked to."""
@@ -94,18 +115,23 @@ class PerformerState(VariantState):
 class FeatureMap:
     """phi(x) for scaled inputs xs = x sqrt(scale) [..., n, D] -> [..., n, m], and its backward.
 
+    features: [m, D] shared by the heads, or [H, m, D] (learned: one per head). 'learned' computes as 'softmax';
+    when ``grad_features`` is a tensor, ``backward`` also accumulates d loss / d features into it.
+
     softmax: phi = exp(xs W^T - |xs|^2/2 - shift); relu: phi = relu(xs W^T)/sqrt(m) + eps. ``shift`` (queries: the
     row max, keys: a max over valid keys) is a common factor that cancels in the normalised output, so the backward
     treats it as a constant - which is exact.
     """
 
-    def __init__(self, features: torch.Tensor, kernel: str):
+    def __init__(self, features: torch.Tensor, kernel: str, grad_features: torch.Tensor | None = None):
         self.features = features
-        self.kernel = kernel
+        self.kernel = "softmax" if kernel == "learned" else kernel
+        self.grad_features = grad_features
+        self.num_features = features.shape[-2]
 
     def logits(self, xs: torch.Tensor) -> torch.Tensor:
         """The pre-activation: xs W^T - |xs|^2/2 (softmax) or xs W^T (relu). [..., n, D] -> [..., n, m]."""
-        out = torch.matmul(xs, self.features.T)
+        out = torch.matmul(xs, self.features.transpose(-1, -2))
         if self.kernel == "softmax":
             out.sub_(0.5 * (xs * xs).sum(-1, keepdim=True))
         return out
@@ -114,13 +140,13 @@ class FeatureMap:
         """phi(q), each row divided by its largest feature."""
         out = self.logits(xs)
         if self.kernel == "relu":
-            return out.relu_().div_(math.sqrt(self.features.shape[0])).add_(RELU_EPSILON)
+            return out.relu_().div_(math.sqrt(self.num_features)).add_(RELU_EPSILON)
         return out.sub_(out.amax(-1, keepdim=True)).exp_()
 
     def keys(self, logits: torch.Tensor, shift: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
         """phi(k) from key logits (consumed in place), divided by exp(shift); padded keys are 0."""
         if self.kernel == "relu":
-            out = logits.relu_().div_(math.sqrt(self.features.shape[0])).add_(RELU_EPSILON)
+            out = logits.relu_().div_(math.sqrt(self.num_features)).add_(RELU_EPSILON)
         else:
             out = logits.sub_(shift).exp_()
         return out if valid is None else out.masked_fill_(~valid, 0.0)
@@ -142,10 +168,19 @@ class FeatureMap:
     def backward(self, xs: torch.Tensor, phi: torch.Tensor, grad_phi: torch.Tensor) -> torch.Tensor:
         """d loss / d xs from d loss / d phi (grad_phi is consumed). Padded keys have phi = 0, so no gradient."""
         if self.kernel == "relu":  # phi > eps exactly where the pre-activation was positive
-            grad = grad_phi.mul_(phi > RELU_EPSILON).div_(math.sqrt(self.features.shape[0]))
+            grad = grad_phi.mul_(phi > RELU_EPSILON).div_(math.sqrt(self.num_features))
+            self._accumulate_feature_grad(grad, xs)
             return torch.matmul(grad, self.features)
-        grad = grad_phi.mul_(phi)
+        grad = grad_phi.mul_(phi)  # d loss / d logits
+        self._accumulate_feature_grad(grad, xs)
         return torch.matmul(grad, self.features).sub_(xs * grad.sum(-1, keepdim=True))
+
+    def _accumulate_feature_grad(self, grad_logits: torch.Tensor, xs: torch.Tensor) -> None:
+        """logits = xs W^T (- |xs|^2 / 2): d W = grad_logits^T xs, summed over the batch (and heads if shared)."""
+        if self.grad_features is None:
+            return
+        grad = torch.matmul(grad_logits.transpose(-1, -2), xs)  # [B, H, m, D]
+        self.grad_features.add_(grad.sum(0) if self.grad_features.dim() == 3 else grad.sum((0, 1)))
 
 
 def floored(denominator: torch.Tensor) -> torch.Tensor:
@@ -176,7 +211,8 @@ def performer_attention(
     kernel: str = "softmax",
     chunk_size: int = 128,
 ) -> torch.Tensor:
-    """Functional core. query [B, H, Lq, D]; key/value [B, H, Lk, D]; features [m, D]; key_mask [B, Lk] bool.
+    """Functional core. query [B, H, Lq, D]; key/value [B, H, Lk, D]; features [m, D] or [H, m, D] (differentiable:
+    a learned kernel gets its gradient); key_mask [B, Lk] bool.
 
     Returns [B, H, Lq, D] in the query's dtype; internal sums are fp32. In causal mode query i is at position
     Lk - Lq + i (so decoding with a KV cache gives what the full sequence gives).
@@ -184,7 +220,7 @@ def performer_attention(
     dtype = compute_dtype(query.dtype)
     valid = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, Lk, 1)
     function = CausalFavor if is_causal else NonCausalFavor
-    out = function.apply(query.to(dtype), key.to(dtype), value.to(dtype), features.to(dtype).detach(), valid,
+    out = function.apply(query.to(dtype), key.to(dtype), value.to(dtype), features.to(dtype), valid,
                          scaling, kernel, chunk_size)
     return out.to(query.dtype)
 
@@ -194,6 +230,11 @@ def _scaled_inputs(query, key, value, scaling):
     root = math.sqrt(scaling)
     ones = value.new_ones(value.shape[:-1] + (1,))
     return query * root, key * root, torch.cat([value, ones], dim=-1)
+
+
+def _feature_grad_holder(ctx, features: torch.Tensor) -> torch.Tensor | None:
+    """A zero tensor to accumulate the features' gradient in, when they need one (kernel='learned')."""
+    return torch.zeros_like(features) if ctx.needs_input_grad[3] else None
 
 
 class NonCausalFavor(torch.autograd.Function):
@@ -227,7 +268,8 @@ class NonCausalFavor(torch.autograd.Function):
         query, key, value, features, valid, state, shift, out, denominator = ctx.saved_tensors
         scaling, kernel = ctx.settings
         qs, ks, v1 = _scaled_inputs(query, key, value, scaling)
-        fmap = FeatureMap(features, kernel)
+        grad_features = _feature_grad_holder(ctx, features)
+        fmap = FeatureMap(features, kernel, grad_features)
         grad_num, grad_den = output_gradients(grad_out, out, denominator)
         grad_both = torch.cat([grad_num, grad_den], dim=-1)  # [B, H, Lq, D + 1]
         grad_query, grad_state = torch.empty_like(query), torch.zeros_like(state)
@@ -244,7 +286,7 @@ class NonCausalFavor(torch.autograd.Function):
             grad_value[:, :, span[0] : span[1]] = torch.matmul(phi, grad_state[..., :-1])
             grad_key[:, :, span[0] : span[1]] = fmap.backward(rows(ks, span), phi, grad_phi)
         root = math.sqrt(scaling)
-        return grad_query.mul_(root), grad_key.mul_(root), grad_value, None, None, None, None, None
+        return grad_query.mul_(root), grad_key.mul_(root), grad_value, grad_features, None, None, None, None
 
 
 class CausalFavor(torch.autograd.Function):
@@ -288,7 +330,8 @@ class CausalFavor(torch.autograd.Function):
         query, key, value, features, valid, out, denominator = ctx.saved_tensors
         scaling, kernel, key_spans, shifts, prefixes = ctx.settings
         qs, ks, v1 = _scaled_inputs(query, key, value, scaling)
-        fmap = FeatureMap(features, kernel)
+        grad_features = _feature_grad_holder(ctx, features)
+        fmap = FeatureMap(features, kernel, grad_features)
         start = ks.shape[2] - qs.shape[2]
         grad_num, grad_den = output_gradients(grad_out, out, denominator)
         grad_both = torch.cat([grad_num, grad_den], dim=-1)
@@ -322,7 +365,7 @@ class CausalFavor(torch.autograd.Function):
             grad_value[:, :, span[0] : span[1]] = 0.0 if grad_v is None else grad_v
             grad_key[:, :, span[0] : span[1]] = fmap.backward(rows(ks, span), phi_k, grad_phi_k)
         root = math.sqrt(scaling)
-        return grad_query.mul_(root), grad_key.mul_(root), grad_value, None, None, None, None, None
+        return grad_query.mul_(root), grad_key.mul_(root), grad_value, grad_features, None, None, None, None
 
 
 def causal_key_spans(query_length: int, key_length: int, chunk: int) -> list[tuple[int, int]]:
