@@ -112,6 +112,23 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def _layerwise_stage(student, teacher, tokenizer, recipe, data, options: dict) -> dict[str, float]:
+    """Layer-wise attention transfer (``stages: [layerwise, ...]``): teacher-forced, the variant's own parameters
+    only; options ``layerwise: {lr, epochs, batch_size, loss_scale}``. Held out: the validation texts."""
+    from .attention_transfer import LayerwiseTransfer, text_batches
+
+    settings = {"lr": 1e-2, "epochs": 3, "batch_size": 4, "loss_scale": 1000.0, **options.get("layerwise", {})}
+    column, length = recipe.data.text_column, recipe.data.max_length
+    train = text_batches(tokenizer, data["train"][column], length, settings["batch_size"])
+    split = "validation" if "validation" in data else "train"
+    held_out = text_batches(tokenizer, data[split][column], length, settings["batch_size"])
+    transfer = LayerwiseTransfer(student, teacher, lr=settings["lr"], loss_scale=settings["loss_scale"])
+    result = transfer.fit(lambda: train, held_out, epochs=settings["epochs"])
+    return {"layerwise_seconds": result["seconds"], "layerwise_steps": result["steps"],
+            "layerwise_loss_before": sum(x for x in result["eval_loss_before"] if x == x),
+            "layerwise_loss_after": sum(x for x in result["eval_loss_after"] if x == x)}
+
+
 def run_distill(recipe) -> dict[str, float]:
     """Distil per the recipe's ``distill`` section; saves output_dir/final (card updated) and returns metrics:
     mean embedding cosine to the teacher on the validation texts before and after, and seconds per stage."""
@@ -148,6 +165,10 @@ def run_distill(recipe) -> dict[str, float]:
     metrics = {"cosine_before": fidelity(student)}
     trainer = None
     for stage in stages:
+        if stage == "layerwise":  # stage 1 by teacher forcing, the variant's own parameters only
+            metrics.update(_layerwise_stage(student, teacher, tokenizer, recipe, data, options))
+            metrics["cosine_after_stagelayerwise"] = fidelity(student)
+            continue
         train = options.get(f"train_stage{stage}", "attention" if stage == 1 else "all")
         select_trainable(student, stage, train)
         arguments = {"output_dir": recipe.output_dir, "report_to": [], "seed": recipe.seed, "save_strategy": "no",
@@ -168,6 +189,9 @@ def run_distill(recipe) -> dict[str, float]:
         metrics[f"cosine_after_stage{stage}"] = fidelity(student)
         student.train()
     metrics["cosine_after"] = metrics[f"cosine_after_stage{stages[-1]}"] if stages else metrics["cosine_before"]
+    if trainer is None and "layerwise" in stages:
+        student.save_pretrained(Path(recipe.output_dir) / "final")
+        tokenizer.save_pretrained(Path(recipe.output_dir) / "final")
     if trainer is not None:
         student.requires_grad_(True)
         card_metrics = {"eval_cosine_to_teacher": metrics["cosine_after"]}
