@@ -27,8 +27,12 @@ from hf_attn_variants.evaluation import embedding_cosine, mean_pooled_embeddings
 CASES = [  # (label, variant, settings, learning rate of stage 1 or None: nothing to train)
     ("performer (FAVOR+, m=256)", "performer", {"num_features": 256}, None),
     ("performer, learned kernel (m=64)", "performer", {"kernel": "learned", "num_features": 64}, 1e-2),
+    ("performer, learned kernel + exact window 64 (hybrid)", "performer",
+     {"kernel": "learned", "num_features": 64, "window": 64}, 1e-2),
     # E/F start as 0/1 position foldings: lr 1e-2 overshoots them (held-out loss doubled in 2 steps).
     ("linformer (k=256)", "linformer", {"k": 256}, 1e-3),
+    ("bigbird (block 32, no learned state)", "bigbird", {"block_size": 32}, None),
+    ("lsh (defaults, no learned state)", "lsh", {}, None),
 ]
 
 

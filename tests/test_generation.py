@@ -70,3 +70,24 @@ def test_padded_batch_generation_matches_single_rows():
         together = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=2)
     alone = greedy(model, short, use_cache=True, new_tokens=6)
     assert torch.equal(together[1, 5:], alone[0])
+
+
+HYBRID = {"kernel": "learned", "num_features": 16, "window": 4}  # 20-token prompt: 5 windows, linear part used
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hybrid_performer_cached_generation_matches_uncached(family):
+    model = hv.convert(tiny_model(family), attention="performer", **HYBRID)
+    assert torch.equal(greedy(model, PROMPT, use_cache=True), greedy(model, PROMPT, use_cache=False))
+
+
+def test_hybrid_performer_left_padding_amount_leaves_logits_unchanged():
+    model = hv.convert(tiny_model("llama"), attention="performer", **HYBRID)
+    with torch.no_grad():
+        alone = model(PROMPT).logits[:, -1]
+        for pad in (1, 3):
+            padded = torch.cat([torch.full((1, pad), 2), PROMPT], dim=1)
+            mask = torch.ones_like(padded)
+            mask[:, :pad] = 0
+            out = model(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[:, -1]
+            torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from hf_attn_variants.modeling.attention_common import exact_attention
 from hf_attn_variants.modeling.bigbird_attention import BigBirdSettings, block_sparse_attention
 from hf_attn_variants.modeling.linformer_attention import linformer_attention
 from hf_attn_variants.modeling.lsh_attention import LSHSettings, lsh_attention
@@ -405,3 +406,52 @@ def test_lsh_blocked_computation_matches_its_definition(seed, causal, divisor, m
     expected = lsh_reference(q, k, v, rotations, mask, causal, settings)
     torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1, :, : N - 9], expected[1, :, : N - 9], atol=1e-5, rtol=1e-5)
+
+
+def dense_hybrid_attention(q, k, v, features, causal, window):
+    """The hybrid by its definition, with the full Lq x Lk weight matrix: exp(q.k s) on each query's window blocks
+    (its own block, the previous one, and the next one when not causal), phi(q).phi(k) elsewhere."""
+    lq, lk = q.shape[2], k.shape[2]
+    x_q, x_k = q * math.sqrt(SCALE), k * math.sqrt(SCALE)
+    w = features.transpose(-1, -2)
+    phi_q = torch.exp(x_q @ w - 0.5 * (x_q * x_q).sum(-1, keepdim=True))
+    phi_k = torch.exp(x_k @ w - 0.5 * (x_k * x_k).sum(-1, keepdim=True))
+    linear = phi_q @ phi_k.transpose(-1, -2) / features.shape[-2]
+    exact = torch.exp(q @ k.transpose(-1, -2) * SCALE)
+    q_block = (torch.arange(lk - lq, lk) // window)[:, None]
+    k_block = (torch.arange(lk) // window)[None, :]
+    near = (k_block >= q_block - 1) & (k_block <= (q_block if causal else q_block + 1))
+    weights = torch.where(near, exact, linear)
+    if causal:
+        weights = weights.masked_fill(torch.arange(lk)[None] > torch.arange(lk - lq, lk)[:, None], 0.0)
+    return weights @ v / weights.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("query_length", [23, 5])
+def test_performer_hybrid_equals_its_dense_definition_and_gradients_flow(causal, query_length):
+    """Several windows (23 keys, blocks of 4: the linear part covers most keys), cached keys (5 queries after 18),
+    per-head learned features; float64 to 1e-10, and gradcheck through q, k, v and the features."""
+    from hf_attn_variants.modeling.performer_attention import hybrid_attention
+
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(B, H, query_length, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, H, 23, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    features = orthogonal_gaussian(6 * H, 4, g).double().view(H, 6, 4).requires_grad_()
+
+    def core(q, k, v, features):
+        return hybrid_attention(q, k, v, features, causal, SCALE, 4)
+
+    expected = dense_hybrid_attention(q, k, v, features, causal, 4)
+    torch.testing.assert_close(core(q, k, v, features), expected, atol=1e-10, rtol=1e-10)
+    assert torch.autograd.gradcheck(core, (q, k, v, features))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_hybrid_is_exact_within_one_window(causal):
+    from hf_attn_variants.modeling.performer_attention import hybrid_attention
+
+    q, k, v = qkv(seed=4)
+    features = orthogonal_gaussian(8, q.shape[-1], torch.Generator().manual_seed(0))
+    out = hybrid_attention(q, k, v, features, causal, SCALE, q.shape[2])
+    torch.testing.assert_close(out, exact_attention(q, k, v, None, causal, SCALE), atol=1e-5, rtol=1e-5)

@@ -23,8 +23,10 @@ from .attention_common import (
     SettingsBase,
     VariantState,
     compute_dtype,
+    exact_attention,
     interface_output,
     masked_fill_value,
+    per_unpadded_row,
     prepare_call,
 )
 
@@ -162,5 +164,16 @@ def linformer_attention_forward(
             "input, or convert again with a larger max_length (e.g. convert(..., max_length=N))."
         )
     proj_k, proj_v = state.projections()
-    out, _ = linformer_attention(query, call.key, call.value, proj_k, proj_v, call.key_mask, call.scaling, dropout)
-    return interface_output(out)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # one row, no padding
+        if k.shape[2] <= state.settings.k:  # k projections of <= k keys lose nothing: compute it exactly
+            return exact_attention(q, k, v, None, False, call.scaling, dropout)
+        return linformer_attention(q, k, v, proj_k, proj_v, None, call.scaling, dropout)[0]
+
+    lengths = call.key.shape[2] if call.key_mask is None else call.key_mask.sum(-1)
+    if bool((torch.as_tensor(lengths) > state.settings.k).all()):  # no row takes the exact path: one batched call
+        out, _ = linformer_attention(query, call.key, call.value, proj_k, proj_v, call.key_mask, call.scaling,
+                                     dropout)
+        return interface_output(out)
+    # Rows of at most k real tokens are exact whatever the padding (training cannot move them off exactness).
+    return interface_output(per_unpadded_row(attend, query, call.key, call.value, call.key_mask))

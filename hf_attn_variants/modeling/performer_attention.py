@@ -20,6 +20,7 @@ from .attention_common import (
     VariantState,
     compute_dtype,
     interface_output,
+    per_unpadded_row,
     prepare_call,
     spans,
 )
@@ -38,16 +39,25 @@ class PerformerSettings(SettingsBase):
     """num_features: m random features; kernel: 'softmax' (FAVOR+), 'relu', or 'learned' (FAVOR+'s positive
     softmax features with a trainable projection per head, initialised at the FAVOR+ draw, so training starts where
     FAVOR+ is; as T2R/Hedgehog learn their feature maps); redraw_interval: redraw the features every N training
-    forwards (0 = fixed; not with 'learned'); chunk_size: block length of the causal prefix sums."""
+    forwards (0 = fixed; not with 'learned'); chunk_size: block length of the causal prefix sums; window: 0, or
+    the block size w of the LoLCATs-style hybrid: each query attends exactly (softmax) to the keys of its own
+    w-token block and the neighbouring ones (causal: its own block up to itself and the previous block), and through
+    the features to every other key, all in one normaliser. Inputs of at most w tokens are then exact."""
 
     variant = "performer"
     num_features: int = dataclasses.field(default=256, metadata={"positive_int": True})
     kernel: str = dataclasses.field(default="softmax", metadata={"choices": KERNELS})
     redraw_interval: int = dataclasses.field(default=0, metadata={"non_negative_int": True})
     chunk_size: int = dataclasses.field(default=128, metadata={"positive_int": True})
+    window: int = dataclasses.field(default=0, metadata={"non_negative_int": True})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.window and self.kernel == "relu":
+            raise ValueError(
+                "performer setting window needs positive softmax features (kernel='softmax' or 'learned'); the "
+                "exact window and the linear part must estimate the same exp(q.k). Pass kernel='learned'."
+            )
         if self.kernel == "learned" and self.redraw_interval:
             raise ValueError(
                 f"performer setting redraw_interval={self.redraw_interval} would overwrite the learned features of "
@@ -374,6 +384,89 @@ def causal_key_spans(query_length: int, key_length: int, chunk: int) -> list[tup
     return ([(0, start)] if start > 0 else []) + [(start + lo, start + hi) for lo, hi in spans(query_length, chunk)]
 
 
+def hybrid_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    features: torch.Tensor,
+    is_causal: bool,
+    scaling: float,
+    window: int,
+) -> torch.Tensor:
+    """Exact softmax over each query's window blocks plus FAVOR+ features for every other key, one normaliser
+    (LoLCATs' sliding window + linear attention, by blocks). Plain autograd; no padding (see per_unpadded_row).
+
+    query [B, H, Lq, D] at positions Lk - Lq + i; key/value [B, H, Lk, D]; features [m, D] or [H, m, D]. Keys are
+    cut into blocks of w = ``window``; a query in block i sees blocks i-1, i (and i+1 when not causal) exactly, the
+    others through phi(q).phi(k) ~ exp(q.k * scale). The two parts are in their own units (the exact part relative
+    to its row max, the linear part to exp(shift_q + shift_k) / m) and combined by their log-scales, so nothing
+    overflows. Memory O(N w + N m + (N / w) m D). Returns [B, H, Lq, D].
+    """
+    dtype = compute_dtype(query.dtype)
+    bsz, heads, lq, dim = query.shape
+    lk, b = key.shape[2], window
+    q, k = query.to(dtype), key.to(dtype)
+    v1 = torch.cat([value.to(dtype), value.new_ones(value.shape[:-1] + (1,)).to(dtype)], dim=-1)
+    nk = -(-lk // b)
+    offset = lk - lq
+    first_qb = offset // b
+    q_lead = offset - first_qb * b
+    nq = nk - first_qb
+    pad_k = nk * b - lk
+    # Key side: features and per-block states [B, H, nk, m, D + 1].
+    k_pad = nn.functional.pad(k, (0, 0, 0, pad_k))
+    v_pad = nn.functional.pad(v1, (0, 0, 0, pad_k))
+    k_real = torch.arange(nk * b, device=q.device) < lk  # (nk*b,)
+    root = math.sqrt(scaling)
+    w = features.to(dtype).transpose(-1, -2)  # [D, m] or [H, D, m]
+    m = features.shape[-2]
+
+    def feature_logits(x: torch.Tensor) -> torch.Tensor:  # x [B, H, ..., D] -> [B, H, ..., m]
+        xs = x * root
+        heads_w = w if w.dim() == 2 else w.view(w.shape[0], *([1] * (x.dim() - 4)), *w.shape[1:])
+        return torch.matmul(xs, heads_w) - 0.5 * (xs * xs).sum(-1, keepdim=True)
+
+    key_logits = feature_logits(k_pad).masked_fill(~k_real[:, None], float("-inf"))
+    shift_k = key_logits.detach().amax(dim=(-1, -2), keepdim=True)  # [B, H, 1, 1], a common factor: cancels
+    phi_k = torch.exp(key_logits - shift_k)  # padded rows: exp(-inf) = 0
+    block_states = torch.matmul(phi_k.view(bsz, heads, nk, b, m).transpose(-1, -2), v_pad.view(bsz, heads, nk, b, -1))
+    zero = torch.zeros_like(block_states[:, :, :1])
+    before = torch.cat([zero, block_states.cumsum(2)[:, :, :-1]], dim=2)  # sum over blocks < i
+    # Out-of-window state for query block i: blocks < i - 1 (and > i + 1 when not causal).
+    blocks = torch.arange(first_qb, nk, device=q.device)
+    outside = before[:, :, (blocks - 1).clamp_min(0)] * (blocks >= 1).view(1, 1, -1, 1, 1).to(dtype)
+    if not is_causal:
+        after = block_states.flip(2).cumsum(2).flip(2) - block_states  # sum over blocks > i
+        nxt = (blocks + 1).clamp_max(nk - 1)
+        outside = outside + after[:, :, nxt] * (blocks + 1 < nk).view(1, 1, -1, 1, 1).to(dtype)
+    # Query side, blocked on the key grid.
+    q_pad = nn.functional.pad(q, (0, 0, q_lead, nq * b - q_lead - lq)).view(bsz, heads, nq, b, dim)
+    query_logits = feature_logits(q_pad)
+    shift_q = query_logits.detach().amax(-1, keepdim=True)  # [B, H, nq, b, 1]
+    linear = torch.matmul(torch.exp(query_logits - shift_q), outside)  # [B, H, nq, b, D + 1]
+    linear_scale = shift_q + shift_k.unsqueeze(2) - math.log(m)  # linear part = linear * exp(linear_scale)
+    # Exact part over the window blocks: keys of blocks i-1, i (, i+1) gathered as one span.
+    span = 2 if is_causal else 3
+    k_win = nn.functional.pad(k_pad, (0, 0, b, b)).unfold(2, span * b, b)[:, :, first_qb : first_qb + nq]
+    v_win = nn.functional.pad(v_pad, (0, 0, b, b)).unfold(2, span * b, b)[:, :, first_qb : first_qb + nq]
+    key_pos = (blocks[:, None] - 1) * b + torch.arange(span * b, device=q.device)  # (nq, span*b)
+    allowed = (key_pos >= 0) & (key_pos < lk)
+    if is_causal:
+        query_pos = blocks[:, None] * b + torch.arange(b, device=q.device)  # (nq, b)
+        allowed = allowed[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])
+    else:
+        allowed = allowed[:, None, :].expand(nq, b, span * b)
+    scores = torch.matmul(q_pad, k_win) * scaling  # unfold puts the span last: k_win [B, H, nq, D, span*b]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.detach().amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    exact = torch.matmul(torch.exp(scores - row_max), v_win.transpose(-1, -2))  # [B, H, nq, b, D + 1]
+    top = torch.maximum(linear_scale, row_max)
+    total = linear * torch.exp(linear_scale - top) + exact * torch.exp(row_max - top)
+    out = total[..., :-1] / floored(total[..., -1:])
+    return out.reshape(bsz, heads, nq * b, dim)[:, :, q_lead : q_lead + lq].to(query.dtype)
+
+
 def performer_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -389,6 +482,12 @@ def performer_attention_forward(
     call = prepare_call(module, PerformerState, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
     call.state.step(module.training)
     settings = call.state.settings
+    if settings.window:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # one row, no padding
+            return hybrid_attention(q, k, v, call.state.features, call.is_causal, call.scaling, settings.window)
+
+        # The window blocks count real tokens only: padding cannot move an output.
+        return interface_output(per_unpadded_row(attend, query, call.key, call.value, call.key_mask))
     out = performer_attention(query, call.key, call.value, call.state.features, call.key_mask, call.is_causal,
                               call.scaling, settings.kernel, settings.chunk_size)
     return interface_output(out)
