@@ -4,6 +4,7 @@
 ``hf-attn-variants finetune RECIPE.yaml [--output-dir DIR]``
 ``hf-attn-variants distill RECIPE.yaml [--output-dir DIR]``
 ``hf-attn-variants prune SRC DST [--heads 0.25] [--ffn 0.25] [--magnitude 0.5] [--data FILE]``
+``hf-attn-variants evaluate SOURCE CONVERTED [--lengths 128,512,2048,4096] [--texts FILE] [--output DIR]``
 ``hf-attn-variants push FOLDER --repo-id ORG/NAME [--private] [--dry-run]``
 ``hf-attn-variants bench [--quick] [--lengths N ...] [--methods NAME ...]``
 ``hf-attn-variants demo [--sentences N] [--passages N] [--length N]``
@@ -104,6 +105,27 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .fidelity import evaluate_fidelity, record_on_card, render_table, save_report
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lengths expects comma-separated integers, got {args.lengths!r}") from None
+    texts = None
+    if args.texts:
+        with open(args.texts) as handle:
+            texts = [line.strip() for line in handle if line.strip()]
+    report = evaluate_fidelity(args.source, args.converted, lengths, texts, count=args.windows)
+    print(render_table(report))
+    for path in save_report(report, args.output):
+        print(f"wrote {path}")
+    if not args.no_card:
+        record_on_card(report)
+        print(f"recorded on the card of {args.converted}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .benchmark import main as bench_main
 
@@ -148,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text file (one example per line), or a csv with text,label for a classifier")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     prune.set_defaults(run=_prune)
+    evaluate = commands.add_parser("evaluate", help="fidelity of a converted model to its source, by input length")
+    evaluate.add_argument("source", help="the original model folder")
+    evaluate.add_argument("converted", help="the converted (variant) model folder")
+    evaluate.add_argument("--lengths", default="128,512,2048,4096", help="comma-separated input lengths in tokens")
+    evaluate.add_argument("--texts", default=None, help="text file, one document a line (default: held-out Wikipedia)")
+    evaluate.add_argument("--windows", type=int, default=8, help="windows of text per length")
+    evaluate.add_argument("--output", default="outputs/evaluate", help="folder for fidelity.md/.json/.png")
+    evaluate.add_argument("--no-card", action="store_true", help="do not record the numbers on the model card")
+    evaluate.set_defaults(run=_evaluate)
     push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
     push.add_argument("folder", help="saved model folder")
     push.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
