@@ -105,7 +105,7 @@ class LayerwiseTransfer:
             with torch.set_grad_enabled(train):
                 output = module(*args, **{**kwargs, "attention_mask": padding})[0]
                 loss = masked_mse(output, target, mask) * self.loss_scale
-            if train:
+            if train and loss.requires_grad:  # a batch on an exact path (e.g. Linformer at <= k tokens): no step
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -74,15 +74,23 @@ def _real_token_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Te
     return (squared * mask).sum() / mask.sum().clamp_min(1)
 
 
+def _mean_pooled(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, L, H] -> [B, H], averaged over real tokens."""
+    if mask is None:
+        return hidden.float().mean(1)
+    weights = mask.unsqueeze(-1).to(torch.float32)
+    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
 class DistillationTrainer(Trainer):
     """Trainer whose loss is the distillation loss of ``stage`` against a frozen ``teacher``."""
 
     def __init__(self, *args: Any, teacher: PreTrainedModel, stage: int = 1, temperature: float = 2.0,
-                 kl_weight: float = 1.0, hidden_weight: float = 1.0, **kwargs: Any):
+                 kl_weight: float = 1.0, hidden_weight: float = 1.0, cosine_weight: float = 0.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
         self.stage, self.temperature = stage, temperature
-        self.kl_weight, self.hidden_weight = kl_weight, hidden_weight
+        self.kl_weight, self.hidden_weight, self.cosine_weight = kl_weight, hidden_weight, cosine_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -102,6 +110,10 @@ class DistillationTrainer(Trainer):
             hidden = torch.stack([_real_token_mse(s, t, mask) for s, t in
                                   zip(outputs.hidden_states[1:], teacher_out.hidden_states[1:], strict=True)]).mean()
             loss = self.hidden_weight * hidden
+            if self.cosine_weight:  # what users measure: the mean-pooled last hidden state's direction
+                cosine = F.cosine_similarity(_mean_pooled(outputs.hidden_states[-1], mask),
+                                             _mean_pooled(teacher_out.hidden_states[-1], mask), dim=-1)
+                loss = loss + self.cosine_weight * (1 - cosine).mean()
             if getattr(outputs, "logits", None) is not None:
                 t = self.temperature
                 kl = F.kl_div(F.log_softmax(outputs.logits.float() / t, -1), F.log_softmax(
@@ -178,7 +190,7 @@ def run_distill(recipe) -> dict[str, float]:
             model=student, args=TrainingArguments(**arguments), train_dataset=tokenized["train"],
             data_collator=collator, processing_class=tokenizer, teacher=teacher, stage=stage,
             temperature=options.get("temperature", 2.0), kl_weight=options.get("kl_weight", 1.0),
-            hidden_weight=options.get("hidden_weight", 1.0),
+            hidden_weight=options.get("hidden_weight", 1.0), cosine_weight=options.get("cosine_weight", 0.0),
         )
         start = time.perf_counter()
         trainer.train()

@@ -123,3 +123,33 @@ def test_layerwise_recipe_stage_lowers_the_loss_and_saves(bert_with_tokenizer, t
     assert not torch.equal(features, drawn.encoder.layer[0].attention.self.attn_variant.features)  # trained, saved
     assert torch.equal(saved.encoder.layer[0].attention.self.query.weight,
                        source.encoder.layer[0].attention.self.query.weight)  # q/k/v/o stay the source's
+
+
+def test_cosine_term_is_one_minus_the_pooled_cosine_and_training_raises_it(tmp_path):
+    from transformers import TrainingArguments
+
+    teacher = sharpen(tiny_model("bert"))
+    student = hv.convert(teacher, attention="linformer", k=4)
+    select_trainable(student, 2, "all")
+    ids, mask = batch_with_padding(length=24)
+    trainer = DistillationTrainer(model=student, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
+                                  teacher=teacher, stage=2, kl_weight=0.0, hidden_weight=0.0, cosine_weight=1.0)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+
+    def pooled(model):
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        weights = mask.unsqueeze(-1).float()
+        return (hidden * weights).sum(1) / weights.sum(1)
+
+    expected = 1 - torch.nn.functional.cosine_similarity(pooled(student.eval()), pooled(teacher), dim=-1).mean()
+    with torch.no_grad():
+        before = trainer.compute_loss(student.eval(), inputs)
+    torch.testing.assert_close(before, expected, atol=1e-5, rtol=1e-4)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-4)
+    for _ in range(40):
+        trainer.compute_loss(student.eval(), inputs).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        assert trainer.compute_loss(student.eval(), inputs) < 0.6 * before
