@@ -13,6 +13,7 @@ import sys
 
 import torch
 import transformers
+from transformers.cache_utils import DynamicCache
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.models.llama.modeling_llama import LlamaAttention
@@ -24,6 +25,7 @@ from .atomic_io import atomic_save_dir
 from .attention_common import STATE_ATTRIBUTE, VariantState, attention_shape
 from .configuration_attn_variants import VARIANT_CONFIGS
 from .pruned_shapes import apply_config_shapes
+from .recurrent_cache import RecurrentStateCache
 from .variant_registry import get_variant
 
 ATTENTION_CLASSES = {
@@ -162,6 +164,12 @@ def install_length_checks(model: torch.nn.Module, family: str) -> None:
         base.wpe.register_forward_pre_hook(_check_position_ids)
 
 
+def uses_recurrent_decoding(config) -> bool:
+    """Whether ``generate`` decodes this model with the Performer's recurrent state cache."""
+    return (config.attention_type == "performer" and config.is_causal_family()
+            and not (config.attention_settings or {}).get("window"))
+
+
 def _tensors_loaded(state: VariantState) -> bool:
     return all(getattr(t, "_is_hf_initialized", False) for t in state.state_dict(keep_vars=True).values())
 
@@ -198,6 +206,15 @@ class AttentionVariantMixin:
         super()._init_weights(module)
         if isinstance(module, VariantState):
             module.reset_parameters()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """transformers' cache choice, except that a causal Performer without an exact window decodes with the
+        recurrent state cache (constant time and memory per token) when no cache implementation was asked for."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if (type(cache) is DynamicCache and generation_config.cache_implementation is None
+                and uses_recurrent_decoding(self.config)):
+            model_kwargs["cache"] = RecurrentStateCache()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save_pretrained, plus the modeling code (this flat folder) and a complete ``auto_map``, so

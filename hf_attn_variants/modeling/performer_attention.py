@@ -24,6 +24,7 @@ from .attention_common import (
     prepare_call,
     spans,
 )
+from .recurrent_cache import recurrent_layer
 
 KERNELS = ("softmax", "relu", "learned")
 RELU_EPSILON = 1e-3
@@ -309,30 +310,11 @@ class CausalFavor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, features, valid, scaling, kernel, chunk):
         qs, ks, v1 = _scaled_inputs(query, key, value, scaling)
-        fmap = FeatureMap(features, kernel)
         key_spans = causal_key_spans(qs.shape[2], ks.shape[2], chunk)
-        start = ks.shape[2] - qs.shape[2]
-        out = torch.empty_like(query)
-        denominator = query.new_empty(query.shape[:-1] + (1,))
-        shift, state, shifts, prefixes = None, None, [], []
-        for span in key_spans:
-            logits = fmap.logits(rows(ks, span))
-            shift, state = fmap.advance_shift(logits, rows(valid, span), shift, state)
-            shifts.append(shift)
-            prefixes.append(state)
-            phi_k = fmap.keys(logits, shift, rows(valid, span))
-            if span[0] >= start:  # a chunk of queries (the first span may be cached keys only)
-                phi_q = fmap.queries(qs[:, :, span[0] - start : span[1] - start])
-                both = torch.matmul(torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_(), rows(v1, span))
-                if state is not None:
-                    both.add_(torch.matmul(phi_q, state))
-                out[:, :, span[0] - start : span[1] - start] = both[..., :-1] / floored(both[..., -1:])
-                denominator[:, :, span[0] - start : span[1] - start] = both[..., -1:]
-            contribution = torch.matmul(phi_k.transpose(-1, -2), rows(v1, span))
-            state = contribution if state is None else state + contribution
-        ctx.save_for_backward(query, key, value, features, valid, out, denominator)
-        ctx.settings = (scaling, kernel, key_spans, shifts, prefixes)
-        return out
+        run = causal_pass(qs, ks, v1, FeatureMap(features, kernel), valid, key_spans)
+        ctx.save_for_backward(query, key, value, features, valid, run.out, run.denominator)
+        ctx.settings = (scaling, kernel, key_spans, run.shifts, run.prefixes)
+        return run.out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward raises instead of going wrong
@@ -376,6 +358,60 @@ class CausalFavor(torch.autograd.Function):
             grad_key[:, :, span[0] : span[1]] = fmap.backward(rows(ks, span), phi_k, grad_phi_k)
         root = math.sqrt(scaling)
         return grad_query.mul_(root), grad_key.mul_(root), grad_value, grad_features, None, None, None, None
+
+
+@dataclasses.dataclass
+class CausalRun:
+    """What one causal pass leaves: outputs and their normalisers, the per-span shifts and prefix states (for the
+    backward), and the final state and shift (for recurrent decoding)."""
+
+    out: torch.Tensor
+    denominator: torch.Tensor
+    shifts: list
+    prefixes: list
+    state: torch.Tensor | None
+    shift: torch.Tensor | None
+
+
+def causal_pass(qs, ks, v1, fmap: FeatureMap, valid, key_spans, state=None, shift=None) -> CausalRun:
+    """The causal recurrence over ``key_spans``, continuing from (``state``, ``shift``) when given.
+
+    qs/ks [B, H, L, D] scaled, v1 [B, H, Lk, D + 1]; the queries are the last Lq key positions. Each span's keys see
+    the prefix state plus an exact lower-triangular block; the state is rescaled when the running max grows."""
+    start = ks.shape[2] - qs.shape[2]
+    out = torch.empty(qs.shape, dtype=qs.dtype, device=qs.device)
+    denominator = qs.new_empty(qs.shape[:-1] + (1,))
+    shifts, prefixes = [], []
+    for span in key_spans:
+        logits = fmap.logits(rows(ks, span))
+        shift, state = fmap.advance_shift(logits, rows(valid, span), shift, state)
+        shifts.append(shift)
+        prefixes.append(state)
+        phi_k = fmap.keys(logits, shift, rows(valid, span))
+        if span[0] >= start:  # a chunk of queries (the first span may be cached keys only)
+            phi_q = fmap.queries(qs[:, :, span[0] - start : span[1] - start])
+            both = torch.matmul(torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_(), rows(v1, span))
+            if state is not None:
+                both.add_(torch.matmul(phi_q, state))
+            out[:, :, span[0] - start : span[1] - start] = both[..., :-1] / floored(both[..., -1:])
+            denominator[:, :, span[0] - start : span[1] - start] = both[..., -1:]
+        contribution = torch.matmul(phi_k.transpose(-1, -2), rows(v1, span))
+        state = contribution if state is None else state + contribution
+    return CausalRun(out, denominator, shifts, prefixes, state, shift)
+
+
+@torch.no_grad()
+def continue_causal_favor(query, key, value, features, key_mask, scaling, kernel, chunk, state, shift):
+    """Decoding in recurrent form: the new tokens' queries/keys/values [B, H, L, D] (queries are the new tokens)
+    attend to everything before them through ``state`` [B, H, m, D + 1] / ``shift`` [B, H, 1, 1] (None at the
+    start) and causally to each other. Returns (out [B, H, L, D], state, shift); O(L m D), nothing of the past read.
+    """
+    dtype = compute_dtype(query.dtype)
+    valid = None if key_mask is None else key_mask[:, None, :, None]
+    qs, ks, v1 = _scaled_inputs(query.to(dtype), key.to(dtype), value.to(dtype), scaling)
+    spans_ = causal_key_spans(qs.shape[2], ks.shape[2], chunk)
+    run = causal_pass(qs, ks, v1, FeatureMap(features.to(dtype), kernel), valid, spans_, state, shift)
+    return run.out.to(query.dtype), run.state, run.shift
 
 
 def causal_key_spans(query_length: int, key_length: int, chunk: int) -> list[tuple[int, int]]:
@@ -479,9 +515,21 @@ def performer_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None). No attention dropout
     (there is no probability matrix to drop from)."""
+    layer = recurrent_layer(key)
     call = prepare_call(module, PerformerState, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
     call.state.step(module.training)
     settings = call.state.settings
+    if layer is not None:  # decoding with RecurrentStateCache: continue the running sums
+        if settings.window or not call.is_causal:
+            raise ValueError(
+                "the recurrent Performer cache serves causal Performer layers without an exact window; decode this "
+                "model with a key/value cache (generate(..., cache_implementation='dynamic'))."
+            )
+        out, layer.state, layer.shift = continue_causal_favor(
+            query, call.key, call.value, call.state.features, call.key_mask, call.scaling, settings.kernel,
+            settings.chunk_size, layer.state, layer.shift,
+        )
+        return interface_output(out)
     if settings.window:
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # one row, no padding
             return hybrid_attention(q, k, v, call.state.features, call.is_causal, call.scaling, settings.window)

@@ -1,0 +1,107 @@
+"""A transformers ``Cache`` for Performer decoders that keeps running sums instead of keys and values.
+
+Causal FAVOR+ attention is a recurrence: out_t = phi(q_t) S_t / phi(q_t) z_t with S_t = sum_{s<=t} phi(k_s) v_s^T and
+z_t = sum phi(k_s). Per layer this cache holds (S, z) as one [B, H, m, D + 1] state and the stabiliser (the running
+max of the key feature logits), so each new token costs O(m D) and reads nothing of the past: constant time and
+memory in the context length. ``generate`` gets it automatically for Performer decoders (see
+``AttentionVariantMixin._prepare_cache_for_generation``); pass ``cache=RecurrentStateCache()`` to ``forward`` to
+use it by hand.
+
+How the attention function finds its layer: the attention module calls ``cache.update(key, value, layer_idx)``
+before the attention function; this layer returns the new tokens' key/value with itself attached to the key tensor
+(``RECURRENT_LAYER_ATTRIBUTE``), and ``performer_attention_forward`` continues the recurrence from its state.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+RECURRENT_LAYER_ATTRIBUTE = "hf_attn_variants_recurrent_layer"
+
+
+class RecurrentStateLayer(CacheLayerMixin):
+    """One layer's running Performer state: ``state`` [B, H, m, D + 1] (sum phi(k) [v, 1]^T, relative to exp(shift))
+    and ``shift`` [B, H, 1, 1] (None for the ReLU kernel), over ``length`` tokens."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.state: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Count the new tokens and hand them on, tagged with this layer; nothing of them is stored here."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.length += key_states.shape[-2]
+        setattr(key_states, RECURRENT_LAYER_ATTRIBUTE, self)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes held (constant in the context length)."""
+        return sum(t.numel() * t.element_size() for t in (self.state, self.shift) if t is not None)
+
+    def reset(self) -> None:
+        self.state, self.shift, self.length = None, None, 0
+        self.is_initialized = False
+
+    def _apply(self, function) -> None:
+        self.state = None if self.state is None else function(self.state)
+        self.shift = None if self.shift is None else function(self.shift)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def offload(self) -> None:
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError(
+                "the Performer's recurrent cache keeps running sums, not past keys, so it cannot drop tokens (as "
+                "assisted or speculative decoding asks). Pass cache_implementation='dynamic' to generate() to decode "
+                "with a key/value cache instead."
+            )
+
+
+class RecurrentStateCache(Cache):
+    """A cache of ``RecurrentStateLayer``s, one created per attention layer as decoding reaches it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(layer_class_to_replicate=RecurrentStateLayer)
+
+    def nbytes(self) -> int:
+        """Bytes held by every layer's state (constant in the context length)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def recurrent_layer(key: torch.Tensor) -> RecurrentStateLayer | None:
+    """The recurrent cache layer the key tensor came from, or None (no cache, or a key/value cache)."""
+    return getattr(key, RECURRENT_LAYER_ATTRIBUTE, None)
