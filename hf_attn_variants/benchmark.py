@@ -363,7 +363,13 @@ def model_table(out: Path, length: int, repeats: int, timeout: int) -> int:
 
 
 def main(argv=None) -> int:
-    """CLI: ``hf-attn-variants bench [--quick] [--lengths ...] [--methods ...] [--out docs/benchmarks]``."""
+    """CLI: ``hf-attn-variants bench [--quick] [--lengths ...] [--methods ...] [--out docs/benchmarks]``;
+    ``bench --decode ...`` runs the decoding benchmark (hf_attn_variants.bench_decode)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--decode" in argv:
+        from .bench_decode import main as decode_main
+
+        return decode_main(argv)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--single", nargs=5, metavar=("METHOD", "LENGTH", "CAUSAL", "MODE", "REPEATS"),
                         help=argparse.SUPPRESS)
@@ -378,6 +384,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", action="store_true", help="the model-level table instead of the layer suite")
     parser.add_argument("--from-partial", action="store_true", help="render partial.jsonl of an interrupted run")
     parser.add_argument("--model-length", type=int, default=4096)
+    parser.add_argument("--decode", action="store_true",
+                        help="decoding benchmark instead: ms/token, cache bytes, prefill (see bench --decode --help)")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.single:

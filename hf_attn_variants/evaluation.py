@@ -32,3 +32,15 @@ def mean_pooled_embeddings(
 def embedding_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
     """Per-text cosine similarity [N] between two embedding matrices [N, H]."""
     return torch.nn.functional.cosine_similarity(reference.float(), candidate.float(), dim=-1)
+
+
+def retrieval_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Share of texts whose nearest other text (cosine of embeddings [N, H]) is the same under both embeddings:
+    does the converted model retrieve what the original retrieves?"""
+    def nearest(embeddings: torch.Tensor) -> torch.Tensor:
+        unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+        similarity = unit @ unit.T
+        similarity.fill_diagonal_(float("-inf"))
+        return similarity.argmax(-1)
+
+    return (nearest(reference) == nearest(candidate)).float().mean().item()

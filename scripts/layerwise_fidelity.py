@@ -22,7 +22,7 @@ import hf_attn_variants as hv
 from hf_attn_variants.attention_transfer import LayerwiseTransfer, text_batches
 from hf_attn_variants.corpora import load_articles, prepare_wikipedia, sentences, word_passages
 from hf_attn_variants.demo import minilm_path
-from hf_attn_variants.evaluation import embedding_cosine, mean_pooled_embeddings
+from hf_attn_variants.evaluation import embedding_cosine, mean_pooled_embeddings, retrieval_agreement
 
 CASES = [  # (label, variant, settings, learning rate of stage 1 or None: nothing to train)
     ("performer (FAVOR+, m=256)", "performer", {"num_features": 256}, None),
@@ -38,10 +38,20 @@ CASES = [  # (label, variant, settings, learning rate of stage 1 or None: nothin
 ]
 
 
-def fidelity(teacher, student, tokenizer, texts: list[str]) -> float:
+def fidelity(teacher, student, tokenizer, texts: list[str]) -> tuple[float, float]:
+    """(mean embedding cosine to the teacher, nearest-neighbour retrieval agreement with the teacher)."""
     reference = mean_pooled_embeddings(teacher, tokenizer, texts, max_length=512, batch_size=8)
     candidate = mean_pooled_embeddings(student, tokenizer, texts, max_length=512, batch_size=8)
-    return embedding_cosine(reference, candidate).mean().item()
+    return embedding_cosine(reference, candidate).mean().item(), retrieval_agreement(reference, candidate)
+
+
+def spread(cut, articles, count: int) -> list[str]:
+    """``count`` passages taken round-robin over the articles (not all from the first, longest ones)."""
+    per_article = [cut([a], 400) for a in articles]
+    chosen: list[str] = []
+    for rank in range(max(len(p) for p in per_article)):
+        chosen += [p[rank] for p in per_article if rank < len(p)]
+    return chosen[:count]
 
 
 def main(argv=None) -> int:
@@ -49,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps-per-epoch", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--eval-passages", type=int, default=24)
+    parser.add_argument("--eval-passages", type=int, default=48)
     parser.add_argument("--eval-sentences", type=int, default=200)
     parser.add_argument("--output", default="outputs/fidelity.md")
     parser.add_argument("--cases", default=None, help="comma-separated substrings: run only the matching cases")
@@ -60,7 +70,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     paths = prepare_wikipedia()
     train_articles, eval_articles = load_articles(paths["train"]), load_articles(paths["eval"])
-    eval_passages = word_passages(eval_articles[::2], 400)[: args.eval_passages]  # spread over articles
+    eval_passages = spread(word_passages, eval_articles, args.eval_passages)
     eval_sentences = sentences(eval_articles, args.eval_sentences)
     train_texts = word_passages(train_articles, 400)
     if not args.passages_only:
@@ -78,8 +88,8 @@ def main(argv=None) -> int:
             continue
         student = hv.convert(teacher, attention=variant, **settings).eval()
         start = time.process_time()
-        before = (fidelity(teacher, student, tokenizer, eval_passages),
-                  fidelity(teacher, student, tokenizer, eval_sentences))
+        before = (*fidelity(teacher, student, tokenizer, eval_passages),
+                  fidelity(teacher, student, tokenizer, eval_sentences)[0])
         after, steps = before, 0
         if lr is not None:
             epochs = iter([  # each epoch its own slice of the training texts
@@ -89,11 +99,12 @@ def main(argv=None) -> int:
             transfer = LayerwiseTransfer(student, teacher, lr=lr)
             result = transfer.fit(lambda epochs=epochs: next(epochs), held_out, epochs=args.epochs)
             steps = result["steps"]
-            after = (fidelity(teacher, student, tokenizer, eval_passages),
-                     fidelity(teacher, student, tokenizer, eval_sentences))
+            after = (*fidelity(teacher, student, tokenizer, eval_passages),
+                     fidelity(teacher, student, tokenizer, eval_sentences)[0])
         minutes = (time.process_time() - start) / 60
         rows.append((label, before, after, steps, minutes, lr))
-        print(f"{label}: passages {before[0]:.4f} -> {after[0]:.4f}, sentences {before[1]:.4f} -> {after[1]:.4f}, "
+        print(f"{label}: passages {before[0]:.4f} -> {after[0]:.4f}, retrieval {before[1]:.3f} -> {after[1]:.3f}, "
+              f"sentences {before[2]:.4f} -> {after[2]:.4f}, "
               f"{steps} steps, {minutes:.1f} CPU-min", flush=True)
     lines = [
         "# Fidelity after layer-wise attention transfer (stage 1 only)",
@@ -107,11 +118,12 @@ def main(argv=None) -> int:
         f"{len(train_articles)} training articles, AdamW, MSE x1000 on each layer's attention output "
         "given the teacher's input to that layer; only the variant's own parameters train.",
         "",
-        "| variant | passages before → after | sentences before → after | steps | lr | CPU min (process time) |",
-        "|---|---|---|---|---|---|",
+        "| variant | passages before → after | retrieval agreement before → after | sentences before → after | "
+        "steps | lr | CPU min (process time) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {label} | {b[0]:.4f} → {a[0]:.4f} | {b[1]:.4f} → {a[1]:.4f} | {steps} | {lr or '-'} | {minutes:.1f} |"
-              for label, b, a, steps, minutes, lr in rows]
+    lines += [f"| {label} | {b[0]:.4f} → {a[0]:.4f} | {b[1]:.3f} → {a[1]:.3f} | {b[2]:.4f} → {a[2]:.4f} | {steps} | "
+              f"{lr or '-'} | {minutes:.1f} |" for label, b, a, steps, minutes, lr in rows]
     with open(args.output, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"wrote {args.output}")

@@ -43,3 +43,17 @@ def test_summary_reports_ratios_slope_and_crossover_against_the_targets():
     assert cells[3] == "1.20 / 1.20" and cells[4] == "1638"
     assert cells[5] == "1.00"  # peak memory grows linearly: log-log slope 1
     assert cells[6] == "2048"
+
+
+def test_decode_benchmark_measures_every_method_and_the_performer_cache_stays_flat(tmp_path):
+    import json
+
+    from hf_attn_variants.bench_decode import main as decode_main
+
+    assert decode_main(["--contexts", "64", "192", "--tokens", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())
+    assert {r["method"] for r in rows} == {"full", "performer", "bigbird", "lsh"}
+    cache = {(r["method"], r["context"]): r["cache_bytes"] for r in rows}
+    assert cache[("performer", 64)] == cache[("performer", 192)] > 0  # running sums: constant
+    assert cache[("full", 192)] > 2 * cache[("full", 64)]  # keys and values: grow with the context
+    assert "× full" in (tmp_path / "decode.md").read_text()

@@ -80,3 +80,12 @@ def test_lengths_beyond_the_converted_positions_get_a_clear_error(bert_with_toke
                  "--texts", str(text_file), "--output", str(tmp_path / "o")])
     assert code == 2
     assert "exceeds the converted model's 64 positions" in capsys.readouterr().err
+
+
+def test_retrieval_agreement_counts_texts_whose_nearest_neighbour_is_unchanged():
+    from hf_attn_variants.evaluation import retrieval_agreement
+
+    reference = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])  # neighbours: 1, 0, 3, 2
+    assert retrieval_agreement(reference, reference * 3) == 1.0
+    swapped = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])  # neighbours: 2, 3, 0, 1
+    assert retrieval_agreement(reference, swapped) == 0.0

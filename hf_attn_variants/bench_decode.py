@@ -1,0 +1,129 @@
+"""Decoding benchmark: ms per generated token, cache bytes and prefill time by context length, per causal variant.
+
+    hf-attn-variants bench --decode [--contexts 1024 4096 16384] [--tokens 16] [--out docs/benchmarks]
+
+A Llama-shaped decoder (2 layers, hidden 256, 4 heads, random weights: speed does not depend on them) is
+prefilled with the context, then decodes greedily one token at a time through the cache ``generate`` would use
+(the Performer's recurrent state cache, key/value caches for the others). Everything runs in one process, one
+variant after another, 2 threads; ms/token is the median over the decoded tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from .conversion import convert
+from .modeling.modeling_attn_variants import uses_recurrent_decoding
+from .modeling.recurrent_cache import RecurrentStateCache
+
+METHODS = {"full": {}, "performer": {}, "bigbird": {}, "lsh": {}}
+CONTEXTS = (1024, 4096, 16384)
+
+
+def decoder(method: str, positions: int) -> torch.nn.Module:
+    """The benchmark's model converted to ``method`` (positions covering the longest context)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=positions)
+    return convert(LlamaForCausalLM(config), attention=method, **METHODS[method]).eval()
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a cache: the recurrent states, or every layer's keys and values."""
+    if isinstance(cache, RecurrentStateCache):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+@torch.no_grad()
+def measure(model, context: int, tokens: int) -> dict[str, float]:
+    """Prefill ``context`` random tokens, then decode ``tokens`` greedily; times in ms, cache in bytes."""
+    ids = torch.randint(0, 1000, (1, context), generator=torch.Generator().manual_seed(context))
+    cache = RecurrentStateCache() if uses_recurrent_decoding(model.config) else DynamicCache(config=model.config)
+    start = time.perf_counter()
+    logits = model(ids, cache=cache, use_cache=True).logits
+    prefill = time.perf_counter() - start
+    step_ms = []
+    token = logits[:, -1:].argmax(-1)
+    for _ in range(tokens):
+        start = time.perf_counter()
+        logits = model(token, cache=cache, use_cache=True).logits
+        step_ms.append((time.perf_counter() - start) * 1000)
+        token = logits[:, -1:].argmax(-1)
+    return {"prefill_s": prefill, "ms_per_token": statistics.median(step_ms), "cache_bytes": cache_bytes(cache)}
+
+
+def render(rows: list[dict]) -> str:
+    """Markdown: ms/token (x full), cache MB and prefill seconds per method and context."""
+    contexts = sorted({r["context"] for r in rows})
+    full = {r["context"]: r for r in rows if r["method"] == "full"}
+    lines = ["| method | " + " | ".join(f"{c} ctx: ms/token (× full) · cache MB · prefill s" for c in contexts) + " |",
+             "|---|" + "---|" * len(contexts)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for context in contexts:
+            r = next(x for x in rows if x["method"] == method and x["context"] == context)
+            ratio = r["ms_per_token"] / full[context]["ms_per_token"] if context in full else float("nan")
+            cells.append(f"{r['ms_per_token']:.2f} ({ratio:.2f}×) · {r['cache_bytes'] / 2**20:.2f} · "
+                         f"{r['prefill_s']:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["context"])
+        contexts = [r["context"] for r in mine]
+        axes[0].plot(contexts, [r["ms_per_token"] for r in mine], marker="o", label=method)
+        axes[1].plot(contexts, [r["cache_bytes"] / 2**20 for r in mine], marker="o", label=method)
+    for axis, label in zip(axes, ("ms per new token", "cache MB"), strict=True):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context tokens")
+        axis.set_ylabel(label)
+    axes[1].set_yscale("log")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--tokens", type=int, default=16, help="tokens decoded per context")
+    parser.add_argument("--out", default="outputs/benchmarks", help="folder for decode.md/.json/.png")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    rows = []
+    for method in args.methods:
+        model = decoder(method, max(args.contexts) + args.tokens)
+        measure(model, 64, 2)  # warm-up
+        for context in args.contexts:
+            rows.append({"method": method, "context": context, **measure(model, context, args.tokens)})
+            print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "decode.md").write_text("# Decoding: ms per new token, cache size, prefill\n\n" + __doc__.split("\n\n", 1)[1]
+                                   + "\n" + render(rows))
+    plot(rows, out / "decode.png")
+    print(render(rows))
+    return 0
