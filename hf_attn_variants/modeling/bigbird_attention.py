@@ -113,18 +113,23 @@ def block_selection(
 
 
 class BlockMask:
-    """Which gathered keys each query of a group of query blocks may attend: [B, 1, G, b, S*b] bool (the slot is
-    valid - in range, not a duplicate -, the key is not padding, and, when causal, not in the future)."""
+    """Which gathered keys each query of a group of query blocks may attend: [B or 1, 1, G, b, S*b] bool (the slot
+    is valid - in range, not a duplicate -, the key exists and is not padding, and, when causal, not in the
+    future)."""
 
-    def __init__(self, key_pos, slot_valid, key_valid, query_blocks, block_size: int, is_causal: bool):
-        self.key_pos, self.slot_valid, self.key_valid = key_pos, slot_valid, key_valid  # [nq, S*b], [nq, S], [B, Nk]
-        self.query_blocks, self.block_size, self.is_causal = query_blocks, block_size, is_causal
+    def __init__(self, key_pos, slot_valid, key_valid, key_length: int, query_blocks, block_size: int,
+                 is_causal: bool):
+        self.key_pos, self.slot_valid, self.key_valid = key_pos, slot_valid, key_valid  # [nq, S*b], [nq, S], [B, Lk]
+        self.key_length, self.query_blocks = key_length, query_blocks
+        self.block_size, self.is_causal = block_size, is_causal
 
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
         rows, b = slice(lo, hi), self.block_size
         key_pos = self.key_pos[rows]  # (G, S*b)
-        allowed = self.slot_valid[rows].repeat_interleave(b, dim=1)[None] & self.key_valid[:, key_pos]
-        allowed = allowed[:, None, :, None, :]  # (B, 1, G, 1, S*b)
+        allowed = (self.slot_valid[rows].repeat_interleave(b, dim=1) & (key_pos < self.key_length))[None]
+        if self.key_valid is not None:
+            allowed = allowed & self.key_valid[:, key_pos.clamp_max(self.key_length - 1)]
+        allowed = allowed[:, None, :, None, :]  # (B or 1, 1, G, 1, S*b)
         if self.is_causal:
             query_pos = self.query_blocks[rows, None] * b + torch.arange(b, device=key_pos.device)  # (G, b)
             allowed = allowed & (key_pos[:, None, :] <= query_pos[:, :, None])[None, None]
@@ -143,17 +148,15 @@ def block_sparse_attention(
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """Functional core (always sparse). query [B, H, Lq, D] at positions Lk-Lq.., key/value [B, H, Lk, D],
-    key_mask [B, Lk] bool or None, random_table [>= number of key blocks, r]. Returns [B, H, Lq, D]."""
+    key_mask [B, Lk] bool or None, random_table [>= number of key blocks, r]. Returns [B, H, Lq, D].
+
+    Keys are never copied or padded: each query block gathers its S*b key rows (positions past the end are clamped
+    and masked), so decoding one token costs O(S b) whatever the context length."""
     bsz, heads, lq, dim = query.shape
     lk = key.shape[2]
     b = settings.block_size
     device = query.device
     nk = -(-lk // b)
-    pad_k = nk * b - lk
-    key_valid = torch.ones(bsz, lk, dtype=torch.bool, device=device) if key_mask is None else key_mask
-    key_valid = nn.functional.pad(key_valid, (0, pad_k), value=False)  # (B, nk*b)
-    key = nn.functional.pad(key, (0, 0, 0, pad_k))  # (B, H, nk*b, D)
-    value = nn.functional.pad(value, (0, 0, 0, pad_k))
 
     offset = lk - lq
     first_qb = offset // b
@@ -164,15 +167,16 @@ def block_sparse_attention(
 
     selected, slot_valid = block_selection(query_blocks, nk, settings, random_table, is_causal)  # (nq, S)
     key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).flatten(1)  # (nq, S*b)
-    mask = BlockMask(key_pos, slot_valid, key_valid, query_blocks, b, is_causal)
+    mask = BlockMask(key_pos, slot_valid, key_mask, lk, query_blocks, b, is_causal)
     dtype = compute_dtype(query.dtype)
-    out, _ = gathered_attention(query.to(dtype), key.to(dtype), value.to(dtype), key_pos, mask, scaling, dropout)
+    out, _ = gathered_attention(query.to(dtype), key.to(dtype), value.to(dtype), key_pos.clamp_max(lk - 1), mask,
+                                scaling, dropout)
     out = out.to(query.dtype).view(bsz, heads, nq * b, dim)
 
     global_rows = settings.global_blocks * b - (first_qb * b)
     if not is_causal and global_rows > 0:
         # Global query blocks attend every key (rows [g*b, N] only: linear in N).
-        dense = exact_attention(query.view(bsz, heads, nq * b, dim)[:, :, :global_rows], key, value, key_valid,
+        dense = exact_attention(query.view(bsz, heads, nq * b, dim)[:, :, :global_rows], key, value, key_mask,
                                 False, scaling, dropout)
         out = torch.cat([dense, out[:, :, global_rows:]], dim=2)
     return out[:, :, q_lead : q_lead + lq]
