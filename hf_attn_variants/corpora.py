@@ -110,6 +110,27 @@ def prepare_wikipedia(cache: Path = DEFAULT_CACHE) -> dict[str, Path]:
     return paths
 
 
+def prepare_passages(cache: Path = DEFAULT_CACHE, words: int = 400, sentence_count: int = 2000) -> dict[str, Path]:
+    """Recipe-ready files next to the articles: ``{train,eval}_passages.jsonl`` ({"title", "text"}: passages of
+    ``words`` words, about 512 BERT tokens for 400) and ``train_mixed.jsonl`` (the training passages plus
+    ``sentence_count`` short sentences, shuffled: long and short inputs in one distillation run)."""
+    import random
+
+    articles = {split: load_articles(path) for split, path in prepare_wikipedia(cache).items()}
+    folder = Path(cache) / "wiki"
+    paths = {"train": folder / "train_passages.jsonl", "eval": folder / "eval_passages.jsonl",
+             "mixed": folder / "train_mixed.jsonl"}
+    rows = {split: [{"title": a["title"], "text": p} for a in arts for p in word_passages([a], words)]
+            for split, arts in articles.items()}
+    mixed = rows["train"] + [{"title": "", "text": s} for s in sentences(articles["train"], sentence_count)]
+    random.Random(0).shuffle(mixed)
+    for path, data in ((paths["train"], rows["train"]), (paths["eval"], rows["eval"]), (paths["mixed"], mixed)):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data))
+        tmp.replace(path)
+    return paths
+
+
 def load_articles(path: str | Path) -> list[dict[str, str]]:
     """Articles of a jsonl file written by ``prepare_wikipedia`` (or a shipped sample)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -75,7 +75,9 @@ def load_text_datasets(recipe: Recipe):
             raise ValueError("the recipe's data needs train (and optionally validation) files or a hub_name.")
         for path in files.values():
             if not Path(path).exists():
-                raise FileNotFoundError(f"data file {path} does not exist.")
+                hint = (" Prepare the Wikipedia data first: python scripts/prepare_data.py"
+                        if "data/wiki" in str(path) else "")
+                raise FileNotFoundError(f"data file {path} does not exist.{hint}")
         suffix = Path(next(iter(files.values()))).suffix.lstrip(".")
         builder = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}.get(suffix)
         if builder is None:
