@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 import time
 
 import torch
@@ -23,18 +24,17 @@ from hf_attn_variants.attention_transfer import LayerwiseTransfer, text_batches
 from hf_attn_variants.corpora import load_articles, prepare_wikipedia, sentences, word_passages
 from hf_attn_variants.demo import minilm_path
 from hf_attn_variants.evaluation import embedding_cosine, mean_pooled_embeddings, retrieval_agreement
+from hf_attn_variants.fidelity import evaluate_fidelity
 
-CASES = [  # (label, variant, settings, learning rate of stage 1 or None: nothing to train)
-    ("performer (FAVOR+, m=256)", "performer", {"num_features": 256}, None),
-    ("performer, learned kernel (m=64)", "performer", {"kernel": "learned", "num_features": 64}, 1e-2),
-    ("performer, learned kernel + exact window 64 (hybrid)", "performer",
-     {"kernel": "learned", "num_features": 64, "window": 64}, 1e-2),
+CASES = [  # (label, variant, settings, stage-1 learning rate or None: nothing to train, epochs or None: --epochs)
+    ("performer (FAVOR+, m=256)", "performer", {"num_features": 256}, None, None),
+    ("performer, learned kernel (m=64)", "performer", {"kernel": "learned", "num_features": 64}, 1e-2, 1),
     ("performer, learned kernel (m=128) + exact window 64 (hybrid)", "performer",
-     {"kernel": "learned", "num_features": 128, "window": 64}, 1e-2),
+     {"kernel": "learned", "num_features": 128, "window": 64}, 1e-2, None),
     # E/F start as 0/1 position foldings: lr 1e-2 overshoots them (held-out loss doubled in 2 steps).
-    ("linformer (k=256)", "linformer", {"k": 256}, 1e-3),
-    ("bigbird (block 32, no learned state)", "bigbird", {"block_size": 32}, None),
-    ("lsh (defaults, no learned state)", "lsh", {}, None),
+    ("linformer (k=256)", "linformer", {"k": 256}, 1e-3, 1),
+    ("bigbird (block 32, no learned state)", "bigbird", {"block_size": 32}, None, None),
+    ("lsh (defaults, no learned state)", "lsh", {}, None, None),
 ]
 
 
@@ -43,6 +43,17 @@ def fidelity(teacher, student, tokenizer, texts: list[str]) -> tuple[float, floa
     reference = mean_pooled_embeddings(teacher, tokenizer, texts, max_length=512, batch_size=8)
     candidate = mean_pooled_embeddings(student, tokenizer, texts, max_length=512, batch_size=8)
     return embedding_cosine(reference, candidate).mean().item(), retrieval_agreement(reference, candidate)
+
+
+def measure_long(student, tokenizer, source: str, articles, lengths: list[int], windows: int) -> list[float]:
+    """Embedding cosine at each of ``lengths`` tokens against the full model with the same tiled positions."""
+    if not lengths:
+        return []
+    with tempfile.TemporaryDirectory() as folder:
+        student.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        report = evaluate_fidelity(source, folder, lengths, [a["text"] for a in articles], count=windows)
+    return [row["cosine"] for row in report["rows"]]
 
 
 def spread(cut, articles, count: int) -> list[str]:
@@ -64,6 +75,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="outputs/fidelity.md")
     parser.add_argument("--cases", default=None, help="comma-separated substrings: run only the matching cases")
     parser.add_argument("--passages-only", action="store_true", help="train on passages only (no sentences)")
+    parser.add_argument("--long", default="2048,4096",
+                        help="longer lengths measured after training against the extended full model ('' = none)")
+    parser.add_argument("--long-windows", type=int, default=4)
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -83,10 +97,13 @@ def main(argv=None) -> int:
     needed = args.steps_per_epoch * args.batch_size
     rows = []
     wanted = [c.strip() for c in args.cases.split(",")] if args.cases else None
-    for label, variant, settings, lr in CASES:
+    for label, variant, settings, lr, case_epochs in CASES:
+        epoch_count = case_epochs or args.epochs
         if wanted and not any(w in label for w in wanted):
             continue
-        student = hv.convert(teacher, attention=variant, **settings).eval()
+        long_lengths = [int(x) for x in args.long.split(",") if x]
+        positions = max([512, *long_lengths])  # tiled positions: identical to the original's up to 512
+        student = hv.convert(teacher, attention=variant, max_position_embeddings=positions, **settings).eval()
         start = time.process_time()
         before = (*fidelity(teacher, student, tokenizer, eval_passages),
                   fidelity(teacher, student, tokenizer, eval_sentences)[0])
@@ -94,36 +111,41 @@ def main(argv=None) -> int:
         if lr is not None:
             epochs = iter([  # each epoch its own slice of the training texts
                 text_batches(tokenizer, train_texts[(e * needed) % len(train_texts) :][:needed], 512, args.batch_size)
-                for e in range(args.epochs)
+                for e in range(epoch_count)
             ])
             transfer = LayerwiseTransfer(student, teacher, lr=lr)
-            result = transfer.fit(lambda epochs=epochs: next(epochs), held_out, epochs=args.epochs)
+            result = transfer.fit(lambda epochs=epochs: next(epochs), held_out, epochs=epoch_count)
             steps = result["steps"]
             after = (*fidelity(teacher, student, tokenizer, eval_passages),
                      fidelity(teacher, student, tokenizer, eval_sentences)[0])
         minutes = (time.process_time() - start) / 60
-        rows.append((label, before, after, steps, minutes, lr))
+        long_cosines = measure_long(student, tokenizer, path, eval_articles, long_lengths, args.long_windows)
+        rows.append((label, before, after, steps, minutes, lr, long_cosines))
         print(f"{label}: passages {before[0]:.4f} -> {after[0]:.4f}, retrieval {before[1]:.3f} -> {after[1]:.3f}, "
               f"sentences {before[2]:.4f} -> {after[2]:.4f}, "
-              f"{steps} steps, {minutes:.1f} CPU-min", flush=True)
+              f"long {long_cosines}, {steps} steps, {minutes:.1f} CPU-min", flush=True)
     lines = [
         "# Fidelity after layer-wise attention transfer (stage 1 only)",
         "",
         "Written by `python scripts/layerwise_fidelity.py`. Model: the real all-MiniLM-L6-v2. Metric: mean cosine of",
         "mean-pooled embeddings to the original. Evaluation: "
         f"{len(eval_passages)} passages of 400 words (512 tokens) and {len(eval_sentences)} sentences from the "
-        f"{len(eval_articles)} held-out Wikipedia articles (never trained on). Training: {args.epochs} epochs of "
-        f"{args.steps_per_epoch} steps, batch {args.batch_size}, "
+        f"{len(eval_articles)} held-out Wikipedia articles (never trained on). Training: epochs of up to "
+        f"{args.steps_per_epoch} steps (see the steps column), batch {args.batch_size}, "
         f"{'passages' if args.passages_only else 'passages and sentences'} of the "
         f"{len(train_articles)} training articles, AdamW, MSE x1000 on each layer's attention output "
         "given the teacher's input to that layer; only the variant's own parameters train.",
         "",
-        "| variant | passages before → after | retrieval agreement before → after | sentences before → after | "
-        "steps | lr | CPU min (process time) |",
-        "|---|---|---|---|---|---|---|",
+        "Longer inputs (after training): windows of the held-out articles against the `full` model with the same",
+        "tiled positions (`hf-attn-variants evaluate`).",
+        "",
+        "| variant | 512-token passages before → after | retrieval agreement before → after | sentences before → after "
+        "| " + " | ".join(f"{n} tokens" for n in long_lengths) + " | steps | lr | CPU min (process time) |",
+        "|---|---|---|---|" + "---|" * len(long_lengths) + "---|---|---|",
     ]
-    lines += [f"| {label} | {b[0]:.4f} → {a[0]:.4f} | {b[1]:.3f} → {a[1]:.3f} | {b[2]:.4f} → {a[2]:.4f} | {steps} | "
-              f"{lr or '-'} | {minutes:.1f} |" for label, b, a, steps, minutes, lr in rows]
+    lines += [f"| {label} | {b[0]:.4f} → {a[0]:.4f} | {b[1]:.3f} → {a[1]:.3f} | {b[2]:.4f} → {a[2]:.4f} | "
+              + "".join(f"{c:.4f} | " for c in long_cosines) + f"{steps} | {lr or '-'} | {minutes:.1f} |"
+              for label, b, a, steps, minutes, lr, long_cosines in rows]
     with open(args.output, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"wrote {args.output}")
