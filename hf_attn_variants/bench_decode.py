@@ -20,8 +20,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from .conversion import convert
-from .modeling.modeling_attn_variants import uses_recurrent_decoding
-from .modeling.recurrent_cache import RecurrentStateCache
+from .modeling.decoding_caches import RecurrentStateCache
+from .modeling.modeling_attn_variants import decoding_cache
 
 METHODS = {"full": {}, "performer": {}, "bigbird": {}, "lsh": {}}
 CONTEXTS = (1024, 4096, 16384)
@@ -47,7 +47,8 @@ def cache_bytes(cache) -> int:
 def measure(model, context: int, tokens: int) -> dict[str, float]:
     """Prefill ``context`` random tokens, then decode ``tokens`` greedily; times in ms, cache in bytes."""
     ids = torch.randint(0, 1000, (1, context), generator=torch.Generator().manual_seed(context))
-    cache = RecurrentStateCache() if uses_recurrent_decoding(model.config) else DynamicCache(config=model.config)
+    cache = decoding_cache(model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     start = time.perf_counter()
     logits = model(ids, cache=cache, use_cache=True).logits
     prefill = time.perf_counter() - start

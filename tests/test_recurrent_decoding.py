@@ -8,7 +8,7 @@ import torch
 from conftest import DECODER_FAMILIES, tiny_model
 
 import hf_attn_variants as hv
-from hf_attn_variants.modeling.recurrent_cache import RecurrentStateCache
+from hf_attn_variants.modeling.decoding_caches import RecurrentStateCache
 
 SETTINGS = {"num_features": 32, "chunk_size": 8}  # a 20-token prompt spans several chunks
 PROMPT = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(11))
@@ -77,3 +77,42 @@ def test_windowed_performer_decodes_with_a_key_value_cache():
     out = _generate(model, PROMPT, return_dict_in_generate=True)
     assert not isinstance(out.past_key_values, RecurrentStateCache)
     assert torch.equal(out.sequences, _generate(model, PROMPT, use_cache=False))
+
+
+LSH = {"bucket_size": 4, "num_buckets": 4, "num_hashes": 2}  # a 20-token prompt: windows and buckets both used
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lsh_decodes_from_its_bucket_index_and_matches_uncached_decoding(family):
+    from hf_attn_variants.modeling.decoding_caches import BucketIndexCache
+
+    model = hv.convert(tiny_model(family), attention="lsh", **LSH)
+    out = _generate(model, PROMPT, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, BucketIndexCache)
+    assert torch.equal(out.sequences, _generate(model, PROMPT, use_cache=False))
+
+
+def test_lsh_indexed_steps_equal_the_parallel_pass_and_the_index_stays_exact():
+    from hf_attn_variants.modeling.decoding_caches import BucketIndexCache
+    from hf_attn_variants.modeling.lsh_attention import build_bucket_index, hash_rounds
+
+    model = hv.convert(tiny_model("llama"), attention="lsh", **LSH)
+    tokens = torch.randint(3, 96, (2, 50), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        full = model(tokens).logits
+        cache = BucketIndexCache()
+        model(tokens[:, :20], cache=cache, use_cache=True)
+        for position in range(20, 50):
+            step = model(tokens[:, position : position + 1], cache=cache, use_cache=True).logits
+            torch.testing.assert_close(step[:, -1], full[:, position], atol=1e-4, rtol=1e-4)
+    layer, attention = cache.layers[1], model.model.layers[1].self_attn
+    keys = layer.keys.repeat_interleave(2, dim=1)  # GQA: 2 query heads per key head
+    rebuilt = build_bucket_index(hash_rounds(keys, attention.attn_variant.rotations, 4), 4, 4)
+    assert torch.equal(layer.recent, rebuilt)  # appended one key at a time = built from all 50 at once
+
+
+def test_lsh_beam_search_with_the_index_equals_the_key_value_cache():
+    model = hv.convert(tiny_model("llama"), attention="lsh", **LSH)
+    indexed = _generate(model, PROMPT, num_beams=3, num_return_sequences=2)
+    assert torch.equal(indexed, _generate(model, PROMPT, num_beams=3, num_return_sequences=2,
+                                          cache_implementation="dynamic"))

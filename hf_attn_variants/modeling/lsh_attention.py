@@ -29,7 +29,8 @@ from .attention_common import (
     per_unpadded_row,
     prepare_call,
 )
-from .gathered_attention import gather_rows, gathered_attention, row_offsets
+from .decoding_caches import BucketIndexLayer, decoding_layer
+from .gathered_attention import NO_KEY_LSE, gather_rows, gathered_attention, row_offsets
 
 # Queries per block of the bucket window = bucket_size // BUCKET_BLOCK_DIVISOR.
 BUCKET_BLOCK_DIVISOR = 2
@@ -252,6 +253,61 @@ def lsh_attention(
     return log_sum_exp_combine(outputs, lses).to(out_dtype)
 
 
+def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Bucket ids of every round at once: x [B, H, L, D], rotations [R, D, n/2] -> [B, H, R, L]."""
+    return torch.stack([hash_buckets(x, rotation, num_buckets) for rotation in rotations], dim=2)
+
+
+def build_bucket_index(key_bucket: torch.Tensor, num_buckets: int, width: int) -> torch.Tensor:
+    """Positions of the ``width`` most recent keys of each bucket, oldest first, -1 where a bucket has fewer.
+
+    key_bucket [B, H, R, L] -> [B, H, R, num_buckets, width] (int64)."""
+    lk = key_bucket.shape[-1]
+    codes, order = (key_bucket * lk + torch.arange(lk, device=key_bucket.device)).sort(dim=-1)
+    bounds = torch.arange(num_buckets + 1, device=key_bucket.device) * lk
+    edges = torch.searchsorted(codes, bounds.expand(*codes.shape[:-1], -1).contiguous())  # [B, H, R, n + 1]
+    starts, ends = edges[..., :-1], edges[..., 1:]
+    index = ends.unsqueeze(-1) - width + torch.arange(width, device=key_bucket.device)
+    positions = order.gather(-1, index.clamp_min(0).flatten(-2)).view_as(index)
+    return positions.masked_fill(index < starts.unsqueeze(-1), -1)
+
+
+def append_to_bucket_index(recent: torch.Tensor, bucket: torch.Tensor, position: int) -> None:
+    """Record a key at ``position`` hashed to ``bucket`` [B, H, R] in ``recent`` [B, H, R, n, width] (in place)."""
+    slot = bucket[..., None, None].expand(*bucket.shape, 1, recent.shape[-1])
+    row = recent.gather(3, slot)
+    recent.scatter_(3, slot, torch.cat([row[..., 1:], torch.full_like(row[..., :1], position)], dim=-1))
+
+
+def lsh_decode_step(query, key, value, rotations, settings: LSHSettings, scaling: float, recent: torch.Tensor):
+    """One causal decoding step in O(rounds x c): the last query [B, H, 1, D] against its positional window (the
+    last c keys) and, per round, the c most recent keys of its bucket from the index (``recent``, which already
+    holds the new key), minus those in the window. The same result as ``lsh_attention`` for that query, without
+    re-hashing or re-sorting the context. key/value [B, H, Lk, D] with Lk > c. Returns [B, H, 1, D]."""
+    width, lk = settings.bucket_size, key.shape[2]
+    dtype = compute_dtype(query.dtype)
+    q = query.to(dtype)
+    local_keys, local_values = key[:, :, -width:].to(dtype), value[:, :, -width:].to(dtype)
+    local_scores = torch.matmul(q, local_keys.transpose(-1, -2)) * scaling  # [B, H, 1, c]
+    local_lse = torch.logsumexp(local_scores, dim=-1)  # [B, H, 1]
+    outputs = [torch.matmul(torch.exp(local_scores - local_lse.unsqueeze(-1)), local_values)]
+    lses = [local_lse + math.log(len(rotations))]
+    query_bucket = hash_rounds(q, rotations, settings.num_buckets)[..., 0]  # [B, H, R]
+    slot = query_bucket[..., None, None].expand(*query_bucket.shape, 1, width)
+    positions = recent.gather(3, slot).squeeze(3)  # [B, H, R, c]
+    allowed = (positions >= 0) & (positions < lk - width)  # same bucket, outside the positional window
+    keys = _gather_rows(key, positions.clamp_min(0).flatten(2)).view(*positions.shape, -1).to(dtype)
+    values = _gather_rows(value, positions.clamp_min(0).flatten(2)).view(*positions.shape, -1).to(dtype)
+    scores = (keys @ q.transpose(-1, -2).unsqueeze(2)).squeeze(-1) * scaling  # [B, H, R, c]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    round_lse = torch.logsumexp(scores, dim=-1).clamp_min(NO_KEY_LSE)  # [B, H, R]
+    round_out = torch.matmul(torch.exp(scores - round_lse.unsqueeze(-1)).unsqueeze(-2), values).squeeze(-2)
+    for r in range(len(rotations)):
+        outputs.append(round_out[:, :, r : r + 1])
+        lses.append(round_lse[:, :, r : r + 1])
+    return log_sum_exp_combine(outputs, lses).to(query.dtype)
+
+
 def lsh_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -263,7 +319,18 @@ def lsh_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None)."""
+    layer = decoding_layer(key)
     call = prepare_call(module, LSHState, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
+    settings = call.state.settings
+    indexed = isinstance(layer, BucketIndexLayer) and call.is_causal and call.key_mask is None
+    if indexed and query.shape[2] == 1 and layer.recent is not None and call.key.shape[2] > settings.bucket_size:
+        new_key = hash_rounds(call.key[:, :, -1:], call.state.rotations, settings.num_buckets)[..., 0]
+        append_to_bucket_index(layer.recent, new_key, call.key.shape[2] - 1)
+        out = lsh_decode_step(query, call.key, call.value, call.state.rotations, settings, call.scaling, layer.recent)
+        return interface_output(out)
+    if indexed:  # prefill (or a step after the index was dropped): index every cached key for the steps to come
+        key_bucket = hash_rounds(call.key, call.state.rotations, settings.num_buckets)
+        layer.recent = build_bucket_index(key_bucket, settings.num_buckets, settings.bucket_size)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # one row, no padding
         return lsh_attention(q, k, v, call.state.rotations, None, call.is_causal, call.scaling, call.state.settings,

@@ -24,8 +24,8 @@ from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 from .atomic_io import atomic_save_dir
 from .attention_common import STATE_ATTRIBUTE, VariantState, attention_shape
 from .configuration_attn_variants import VARIANT_CONFIGS
+from .decoding_caches import BucketIndexCache, RecurrentStateCache
 from .pruned_shapes import apply_config_shapes
-from .recurrent_cache import RecurrentStateCache
 from .variant_registry import get_variant
 
 ATTENTION_CLASSES = {
@@ -164,6 +164,15 @@ def install_length_checks(model: torch.nn.Module, family: str) -> None:
         base.wpe.register_forward_pre_hook(_check_position_ids)
 
 
+def decoding_cache(config):
+    """A new cache of the kind this model decodes best with, or None for transformers' own choice."""
+    if uses_recurrent_decoding(config):
+        return RecurrentStateCache()
+    if config.attention_type == "lsh" and config.is_causal_family():
+        return BucketIndexCache()
+    return None
+
+
 def uses_recurrent_decoding(config) -> bool:
     """Whether ``generate`` decodes this model with the Performer's recurrent state cache."""
     return (config.attention_type == "performer" and config.is_causal_family()
@@ -208,13 +217,14 @@ class AttentionVariantMixin:
             module.reset_parameters()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """transformers' cache choice, except that a causal Performer without an exact window decodes with the
-        recurrent state cache (constant time and memory per token) when no cache implementation was asked for."""
+        """transformers' cache choice, except where a variant decodes cheaper with its own cache (when no cache
+        implementation was asked for): a causal Performer without an exact window with the recurrent state cache
+        (constant time and memory per token), LSH with the bucket index cache (no re-hashing per token)."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("cache")
-        if (type(cache) is DynamicCache and generation_config.cache_implementation is None
-                and uses_recurrent_decoding(self.config)):
-            model_kwargs["cache"] = RecurrentStateCache()
+        replacement = decoding_cache(self.config)  # (an empty Cache is falsy: compare with None)
+        if type(cache) is DynamicCache and generation_config.cache_implementation is None and replacement is not None:
+            model_kwargs["cache"] = replacement
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save_pretrained, plus the modeling code (this flat folder) and a complete ``auto_map``, so

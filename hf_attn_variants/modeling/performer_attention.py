@@ -24,7 +24,7 @@ from .attention_common import (
     prepare_call,
     spans,
 )
-from .recurrent_cache import recurrent_layer
+from .decoding_caches import RecurrentStateLayer, decoding_layer
 
 KERNELS = ("softmax", "relu", "learned")
 RELU_EPSILON = 1e-3
@@ -515,11 +515,11 @@ def performer_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: q/k/v [B, H, L, D] -> ([B, Lq, H, D], None). No attention dropout
     (there is no probability matrix to drop from)."""
-    layer = recurrent_layer(key)
+    layer = decoding_layer(key)
     call = prepare_call(module, PerformerState, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
     call.state.step(module.training)
     settings = call.state.settings
-    if layer is not None:  # decoding with RecurrentStateCache: continue the running sums
+    if isinstance(layer, RecurrentStateLayer):  # decoding with RecurrentStateCache: continue the running sums
         if settings.window or not call.is_causal:
             raise ValueError(
                 "the recurrent Performer cache serves causal Performer layers without an exact window; decode this "

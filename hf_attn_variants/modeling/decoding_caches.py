@@ -1,4 +1,10 @@
-"""A transformers ``Cache`` for Performer decoders that keeps running sums instead of keys and values.
+"""transformers ``Cache`` classes that make decoding with the efficient variants cheaper than with exact attention.
+
+``RecurrentStateCache`` (Performer) keeps running sums instead of keys and values. ``BucketIndexCache`` (LSH) keeps
+keys and values plus, per hash round and bucket, the positions of the most recent keys, so a new token finds its
+bucket's keys without re-hashing or re-sorting the context.
+
+Performer:
 
 Causal FAVOR+ attention is a recurrence: out_t = phi(q_t) S_t / phi(q_t) z_t with S_t = sum_{s<=t} phi(k_s) v_s^T and
 z_t = sum phi(k_s). Per layer this cache holds (S, z) as one [B, H, m, D + 1] state and the stabiliser (the running
@@ -9,15 +15,15 @@ use it by hand.
 
 How the attention function finds its layer: the attention module calls ``cache.update(key, value, layer_idx)``
 before the attention function; this layer returns the new tokens' key/value with itself attached to the key tensor
-(``RECURRENT_LAYER_ATTRIBUTE``), and ``performer_attention_forward`` continues the recurrence from its state.
+(``DECODING_LAYER_ATTRIBUTE``), and ``performer_attention_forward`` continues the recurrence from its state.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-RECURRENT_LAYER_ATTRIBUTE = "hf_attn_variants_recurrent_layer"
+DECODING_LAYER_ATTRIBUTE = "hf_attn_variants_decoding_layer"
 
 
 class RecurrentStateLayer(CacheLayerMixin):
@@ -43,7 +49,7 @@ class RecurrentStateLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.length += key_states.shape[-2]
-        setattr(key_states, RECURRENT_LAYER_ATTRIBUTE, self)
+        setattr(key_states, DECODING_LAYER_ATTRIBUTE, self)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -102,6 +108,54 @@ class RecurrentStateCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-def recurrent_layer(key: torch.Tensor) -> RecurrentStateLayer | None:
-    """The recurrent cache layer the key tensor came from, or None (no cache, or a key/value cache)."""
-    return getattr(key, RECURRENT_LAYER_ATTRIBUTE, None)
+
+
+class BucketIndexLayer(DynamicLayer):
+    """A key/value cache layer plus LSH's bucket index: ``recent`` [B, H, rounds, buckets, c] holds, per hash round
+    and bucket, the positions of the c most recent keys hashed there (-1 = empty), oldest first. The index is built
+    by the attention function at prefill and extended one key at a time while decoding; anything that rewrites the
+    cache (crop) drops it and the next step rebuilds it from the keys."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.recent: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        setattr(keys, DECODING_LAYER_ATTRIBUTE, self)
+        return keys, values
+
+    def reset(self) -> None:
+        super().reset()
+        self.recent = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.recent = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.recent is not None:
+            self.recent = self.recent.index_select(0, beam_idx.to(self.recent.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.recent is not None:
+            self.recent = self.recent.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.recent is not None:
+            self.recent = self.recent[indices]
+
+
+class BucketIndexCache(Cache):
+    """A cache of ``BucketIndexLayer``s, one created per attention layer as decoding reaches it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(layer_class_to_replicate=BucketIndexLayer)
+
+
+def decoding_layer(key: torch.Tensor):
+    """The decoding cache layer (RecurrentStateLayer, BucketIndexLayer) the key tensor came from, or None."""
+    return getattr(key, DECODING_LAYER_ATTRIBUTE, None)
