@@ -68,7 +68,8 @@ def variant_config(
     """The family's variant config: the source config's fields plus the variant, its settings and the seed."""
     family = source_family(source_config)
     fields = source_config.to_dict()
-    for key in ("model_type", "transformers_version", "auto_map", "attention_type", "attention_settings"):
+    for key in ("model_type", "transformers_version", "auto_map", "attention_type", "attention_settings",
+                "attention_seed"):  # a variant source: its variant is replaced, its base fields are kept
         fields.pop(key, None)
     old_positions = getattr(source_config, "max_position_embeddings", None)
     if max_position_embeddings is not None:

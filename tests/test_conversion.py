@@ -198,3 +198,24 @@ def test_cli_reports_bad_input_in_one_line(saved_models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "unknown setting 'k' for attention 'bigbird'" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_converted_model_converts_to_every_other_variant_as_its_source_would(family, saved_models, tmp_path):
+    """Variant -> variant (and back to full), from folders: every base weight survives, the old variant's state is
+    dropped, and the result equals converting the stock checkpoint directly (bit for bit)."""
+    variants = ["full", "performer", "bigbird", "lsh"] + (["linformer"] if family == "bert" else [])
+    ids = torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(3))
+    stock = load_file(f"{saved_models[family]}/model.safetensors")
+    for first in variants:
+        hv.convert(saved_models[family], attention=first, output_dir=tmp_path / first, max_position_embeddings=256)
+        for second in variants:
+            again = hv.convert(str(tmp_path / first), attention=second)
+            direct = hv.convert(saved_models[family], attention=second, max_position_embeddings=256)
+            weights = again.state_dict()
+            assert not any(".attn_variant." in k for k in weights) or second != "full"
+            for key, tensor in stock.items():
+                if "position" not in key:
+                    assert torch.equal(weights[key], tensor), (first, second, key)
+            with torch.no_grad():
+                assert torch.equal(again(ids).logits, direct(ids).logits), (first, second)
