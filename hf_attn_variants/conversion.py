@@ -49,6 +49,8 @@ def _check_weights_present(source: str) -> None:
         return
     names = {p.name for p in folder.iterdir()}
     if any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in names):
+        for name in sorted(n for n in names if n.endswith(".safetensors")):
+            _check_readable(folder / name)
         return
     if any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in names):
         raise ConversionError(
@@ -56,6 +58,20 @@ def _check_weights_present(source: str) -> None:
             "with transformers: AutoModel.from_pretrained(src).save_pretrained(src, safe_serialization=True)."
         )
     raise ConversionError(f"{source} has no model weights (no *.safetensors); point at a saved model folder.")
+
+
+def _check_readable(path: Path) -> None:
+    """One line naming a weight file that is truncated or not safetensors, instead of a deep traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as err:
+        raise ConversionError(
+            f"{path} cannot be read as safetensors ({err}); the file is truncated or damaged: download or save "
+            "it again."
+        ) from None
 
 
 def variant_config(

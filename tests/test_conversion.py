@@ -219,3 +219,17 @@ def test_a_converted_model_converts_to_every_other_variant_as_its_source_would(f
                     assert torch.equal(weights[key], tensor), (first, second, key)
             with torch.no_grad():
                 assert torch.equal(again(ids).logits, direct(ids).logits), (first, second)
+
+
+def test_a_truncated_weight_file_gets_one_line_naming_it(saved_models, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_models["bert"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: 3000])
+    code = cli_main(["convert", str(broken), str(tmp_path / "out"), "--attention", "performer"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors cannot be read as safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
