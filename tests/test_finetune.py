@@ -194,3 +194,56 @@ def test_two_process_training_keeps_ranks_identical_and_lowers_the_loss(bert_wit
     assert ranks[0]["digest"] == ranks[1]["digest"], "the two ranks ended with different weights"
     losses = ranks[0]["losses"]
     assert len(losses) >= 6 and sum(losses[-3:]) < sum(losses[:3])
+
+
+STEP_JOB = textwrap.dedent("""
+    import os, sys, torch
+    from hf_attn_variants.finetune import build_trainer
+    from hf_attn_variants.recipes import load_recipe
+
+    trainer = build_trainer(load_recipe(sys.argv[1]))
+    trainer.train()
+    rank = int(os.environ.get("RANK", "0"))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    torch.save({"loss": losses[0], "params": params}, os.path.join(sys.argv[2], f"step{rank}.pt"))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+""")
+
+
+def test_one_process_with_batch_2b_and_two_with_batch_b_log_the_same_loss_and_take_the_same_step(
+    bert_with_tokenizer, tmp_path
+):
+    """Trainer scales the loss by the process count for models that 'accept loss kwargs'; a classification head
+    returns a local mean, so it must not (it declares accepts_loss_kwargs = False). Dropout is off so the two runs
+    compute the same thing."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path / "no_dropout"  # a complete classifier: nothing is drawn at load time in either run
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        bert_with_tokenizer, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(bert_with_tokenizer).save_pretrained(folder)
+    train, _ = write_classification_data(tmp_path)
+    runs = {}
+    for processes, batch in ((1, 8), (2, 4)):
+        out = tmp_path / f"p{processes}"
+        out.mkdir()
+        recipe = write_recipe(
+            out, model=str(folder), attention="linformer", settings={"k": 4}, task="sequence-classification",
+            num_labels=2, data={"train": train, "max_length": 32}, output_dir=str(out / "run"),
+            training={"max_steps": 1, "per_device_train_batch_size": batch, "learning_rate": 1e-2,
+                      "logging_steps": 1, "max_grad_norm": 1.0, "train_sampling_strategy": "sequential",
+                      **({"ddp_backend": "gloo"} if processes == 2 else {})},
+        )
+        script = out / "job.py"
+        script.write_text(STEP_JOB)
+        launcher = LAUNCHERS["torchrun"] if processes == 2 else [sys.executable]
+        result = subprocess.run([*launcher, str(script), str(recipe), str(out)], capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = torch.load(out / "step0.pt")
+    assert runs[2]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-4)
+    torch.testing.assert_close(runs[2]["params"], runs[1]["params"], atol=1e-5, rtol=1e-4)

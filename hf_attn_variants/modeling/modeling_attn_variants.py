@@ -239,6 +239,14 @@ class AttentionVariantMixin:
         return {name: m for name, m in self.named_modules() if isinstance(m, VariantState)}
 
 
+def sums_loss_over_items(class_name: str) -> bool:
+    """Whether a head's loss is a sum over the batch's items divided by ``num_items_in_batch`` (transformers' causal
+    LM loss). Trainer multiplies the loss by the process count for models that "accept loss kwargs", expecting
+    exactly that; the other heads return a local mean, so they declare ``accepts_loss_kwargs = False`` and their
+    loss and gradient do not depend on the number of processes."""
+    return class_name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def _make_variant_class(family: str, base_name: str) -> type:
     base = getattr(transformers, base_name)
     name = "AttnVariant" + base_name
@@ -252,6 +260,7 @@ def _make_variant_class(family: str, base_name: str) -> type:
             "config_class": VARIANT_CONFIGS[family],
             "family": family,
             "_auto_class": auto_class_name(base_name) or "AutoModel",  # makes save_pretrained copy this code
+            **({} if sums_loss_over_items(base_name) else {"accepts_loss_kwargs": False}),
         },
     )
     setattr(sys.modules[__name__], name, cls)
