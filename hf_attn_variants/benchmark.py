@@ -370,7 +370,7 @@ def main(argv=None) -> int:
         from .bench_decode import main as decode_main
 
         return decode_main(argv)
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="hf-attn-variants bench", description=__doc__)
     parser.add_argument("--single", nargs=5, metavar=("METHOD", "LENGTH", "CAUSAL", "MODE", "REPEATS"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smoke run: 256 tokens, forward+backward, 1 run")

@@ -185,9 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--dry-run", action="store_true", help="list the files and commit; touch no network")
     push.set_defaults(run=_push)
-    bench = commands.add_parser("bench", help="benchmark one attention layer against SDPA, peers and the floor")
+    # bench and demo have parsers of their own: --help and every option go to them (add_help=False here).
+    bench = commands.add_parser("bench", add_help=False,
+                                help="benchmark one attention layer against SDPA, peers and the floor (--decode: "
+                                     "decoding); bench --help lists the options")
     bench.set_defaults(run=_bench, passthrough=True)
-    demo = commands.add_parser("demo", help="convert the real all-MiniLM-L6-v2 to every variant; fidelity and speed")
+    demo = commands.add_parser("demo", add_help=False,
+                               help="convert the real all-MiniLM-L6-v2 to every variant; fidelity and speed")
     demo.set_defaults(run=_demo, passthrough=True)
     return parser
 

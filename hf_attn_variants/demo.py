@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
+from transformers import logging as hf_logging
 
 from .benchmark_layer import attention_layer, time_forward_backward
 from .conversion import convert
@@ -48,7 +50,7 @@ def fidelity_table(sentences: int = 300, passages: int = 24) -> list[dict]:
     texts = {"sentences": real_sentences(sentences), "passages": long_passages(passages)}
     reference = {name: mean_pooled_embeddings(original, tokenizer, t) for name, t in texts.items()}
     rows = []
-    for label, variant, settings in FIDELITY_ROWS:
+    for label, variant, settings in tqdm(FIDELITY_ROWS, desc="demo: convert and measure", unit="variant"):
         start = time.perf_counter()
         model = convert(path, attention=variant, **settings).eval()  # in memory; the CLI/API save with a card
         row = {"variant": label}
@@ -98,14 +100,18 @@ def render(fidelity: list[dict], speed: list[dict], sentences: int, passages: in
 
 
 def main(argv=None) -> int:
-    """Run the demo and write the tables to docs/demo_results.md (or --output)."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    """Run the demo, print the tables and write them to --output (default outputs/demo_results.md, outside the
+    tracked tree; `--output docs/demo_results.md` regenerates the tracked copy)."""
+    parser = argparse.ArgumentParser(prog="hf-attn-variants demo", description=__doc__)
     parser.add_argument("--sentences", type=int, default=300)
     parser.add_argument("--passages", type=int, default=24)
     parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--output", default="docs/demo_results.md")
+    parser.add_argument("--output", default="outputs/demo_results.md",
+                        help="where the tables are written (docs/demo_results.md regenerates the tracked copy)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.set_verbosity_error()  # one overall progress bar, not one "Loading weights" bar per load
+    hf_logging.disable_progress_bar()
     fidelity = fidelity_table(args.sentences, args.passages)
     speed = speed_table(args.length)
     text = render(fidelity, speed, args.sentences, args.passages)
