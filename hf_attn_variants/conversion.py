@@ -184,6 +184,9 @@ def convert(
             model.save_pretrained(tmp)
             if isinstance(source, str):
                 _copy_tokenizer(source, tmp)
+                copy_companion_files(source, tmp, extended=(
+                    model.config.max_position_embeddings > source_model.config.max_position_embeddings
+                ) and _usable_positions(model.config))
             card = source_card_facts(source_name)
             base = base_model or card.get("base_model")
             settings_text = ", ".join(f"{k}={v}" for k, v in settings.items()) or "no settings"
@@ -242,6 +245,47 @@ def convert_model(
         model.generation_config = GenerationConfig.from_dict(source_model.generation_config.to_dict())
     model.eval()
     return model
+
+
+WRITTEN_BY_CONVERSION = ("config.json", "generation_config.json", "README.md", "model.safetensors.index.json")
+"""Files the conversion writes itself; every other non-weight file of a source folder is carried over."""
+
+
+def _usable_positions(config: Any) -> int:
+    """Input tokens the learned positions allow (RoBERTa reserves padding_idx + 1 rows)."""
+    positions = config.max_position_embeddings
+    return positions - (config.pad_token_id + 1) if config.model_type == "attn_variant_roberta" else positions
+
+
+def copy_companion_files(source: str, destination: str | os.PathLike, extended: int | bool = False) -> list[str]:
+    """Carry over the source folder's non-weight files the conversion does not write itself (sentence-transformers'
+    ``modules.json``, ``1_Pooling/``, ``sentence_bert_config.json``, ``config_sentence_transformers.json``, licence
+    and data files, ...), so pipelines built on the folder keep working. ``extended``: the new usable length when
+    positions were lengthened; ``max_seq_length`` in ``sentence_bert_config.json`` is raised to it. Returns the
+    names copied."""
+    import json
+    import shutil
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return []
+    copied = []
+    for entry in sorted(folder.iterdir()):
+        target = Path(destination) / entry.name
+        weights = entry.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+        if target.exists() or weights or entry.name in WRITTEN_BY_CONVERSION or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, target)
+        else:
+            shutil.copy2(entry, target)
+        copied.append(entry.name)
+    st_config = Path(destination) / "sentence_bert_config.json"
+    if extended and st_config.exists():
+        data = json.loads(st_config.read_text())
+        data["max_seq_length"] = max(int(extended), data.get("max_seq_length", 0))
+        st_config.write_text(json.dumps(data, indent=2) + "\n")
+    return copied
 
 
 def _copy_tokenizer(source: str, destination: str) -> None:

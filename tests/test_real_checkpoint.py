@@ -39,3 +39,31 @@ def test_converted_minilm_fidelity_on_real_sentences():
         model = hv.convert(path, attention=variant)
         cosine = embedding_cosine(reference, mean_pooled_embeddings(model, tokenizer, texts)).mean().item()
         assert cosine >= floor, (variant, cosine)
+
+
+def test_sentence_transformers_round_trip_keeps_the_pipeline(tmp_path):
+    """The converted folder carries the source's sentence-transformers files (modules, pooling, configs):
+    SentenceTransformer loads it with its own pipeline; 'full' encodes as the source does, every variant encodes
+    normalised embeddings, and lengthened positions raise max_seq_length."""
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    path = minilm_path()
+    texts = real_sentences(8)
+    source = SentenceTransformer(path, device="cpu")
+    expected = source.encode(texts, convert_to_tensor=True)
+    hv.convert(path, attention="full", output_dir=tmp_path / "full")
+    for name in ("modules.json", "1_Pooling", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        assert (tmp_path / "full" / name).exists(), name
+    full = SentenceTransformer(str(tmp_path / "full"), device="cpu", trust_remote_code=True)
+    assert [type(m).__name__ for m in full] == [type(m).__name__ for m in source]
+    torch.testing.assert_close(full.encode(texts, convert_to_tensor=True), expected, atol=1e-5, rtol=1e-4)
+    for variant in ("linformer", "performer", "bigbird", "lsh"):
+        hv.convert(path, attention=variant, output_dir=tmp_path / variant, max_position_embeddings=1024)
+        model = SentenceTransformer(str(tmp_path / variant), device="cpu", trust_remote_code=True)
+        assert model.max_seq_length == 1024
+        assert json.loads((tmp_path / variant / "sentence_bert_config.json").read_text())["max_seq_length"] == 1024
+        embeddings = model.encode(texts, convert_to_tensor=True)
+        torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(len(texts)), atol=1e-4, rtol=0)
+        assert model[0].auto_model.config._attn_implementation == variant
