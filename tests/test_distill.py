@@ -72,7 +72,8 @@ def sharpen(model):
     return model
 
 
-def test_distill_recipe_end_to_end(bert_with_tokenizer, tmp_path):
+def teacher_and_data(bert_with_tokenizer, tmp_path):
+    """A sharpened tiny BERT folder with its tokenizer, and a jsonl of LOCAL_TEXT's sentences."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     teacher_folder = tmp_path / "teacher"
@@ -80,6 +81,11 @@ def test_distill_recipe_end_to_end(bert_with_tokenizer, tmp_path):
     AutoTokenizer.from_pretrained(bert_with_tokenizer).save_pretrained(teacher_folder)
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": s}) + "\n" for s in LOCAL_TEXT.split(". ") if s))
+    return teacher_folder, data
+
+
+def test_distill_recipe_end_to_end(bert_with_tokenizer, tmp_path):
+    teacher_folder, data = teacher_and_data(bert_with_tokenizer, tmp_path)
     recipe = tmp_path / "distill.yaml"
     recipe.write_text("# hf-attn-variants distill distill.yaml\n" + yaml.safe_dump({
         "model": str(teacher_folder), "attention": "linformer", "settings": {"k": 4},
@@ -100,13 +106,9 @@ def test_distill_recipe_end_to_end(bert_with_tokenizer, tmp_path):
 def test_layerwise_recipe_stage_lowers_the_loss_and_saves(bert_with_tokenizer, tmp_path):
     """`stages: [layerwise]`: teacher-forced transfer of a learned Performer kernel from a recipe; the held-out
     layer losses fall, only the kernel moves, and the result saves with its learned features."""
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModel
 
-    teacher_folder = tmp_path / "teacher"
-    sharpen(AutoModelForMaskedLM.from_pretrained(bert_with_tokenizer)).save_pretrained(teacher_folder)
-    AutoTokenizer.from_pretrained(bert_with_tokenizer).save_pretrained(teacher_folder)
-    data = tmp_path / "text.jsonl"
-    data.write_text("".join(json.dumps({"text": s}) + "\n" for s in LOCAL_TEXT.split(". ") if s))
+    teacher_folder, data = teacher_and_data(bert_with_tokenizer, tmp_path)
     recipe = tmp_path / "distill.yaml"
     recipe.write_text("# hf-attn-variants distill distill.yaml\n" + yaml.safe_dump({
         "model": str(teacher_folder), "attention": "performer", "settings": {"kernel": "learned", "num_features": 8},

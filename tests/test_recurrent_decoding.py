@@ -8,7 +8,7 @@ import torch
 from conftest import DECODER_FAMILIES, tiny_model
 
 import hf_attn_variants as hv
-from hf_attn_variants.modeling.decoding_caches import RecurrentStateCache
+from hf_attn_variants.modeling.decoding_caches import BucketIndexCache, RecurrentStateCache
 
 SETTINGS = {"num_features": 32, "chunk_size": 8}  # a 20-token prompt spans several chunks
 PROMPT = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(11))
@@ -20,11 +20,16 @@ def _generate(model, ids, mask=None, **kwargs):
                               max_new_tokens=10, min_new_tokens=10, pad_token_id=2, **kwargs)
 
 
-@pytest.mark.parametrize("family", DECODER_FAMILIES)
-def test_generate_uses_the_recurrent_cache_and_matches_uncached_decoding(family):
-    model = hv.convert(tiny_model(family), attention="performer", **SETTINGS)
+LSH = {"bucket_size": 4, "num_buckets": 4, "num_hashes": 2}  # a 20-token prompt: windows and buckets both used
+CASES = [(family, "performer", SETTINGS, RecurrentStateCache) for family in DECODER_FAMILIES]
+CASES += [(family, "lsh", LSH, BucketIndexCache) for family in ("llama", "gpt2")]
+
+
+@pytest.mark.parametrize("family,variant,settings,cache_class", CASES)
+def test_generate_uses_the_variants_cache_and_matches_uncached_decoding(family, variant, settings, cache_class):
+    model = hv.convert(tiny_model(family), attention=variant, **settings)
     out = _generate(model, PROMPT, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, RecurrentStateCache)
+    assert isinstance(out.past_key_values, cache_class)
     assert torch.equal(out.sequences, _generate(model, PROMPT, use_cache=False))
 
 
@@ -79,21 +84,7 @@ def test_windowed_performer_decodes_with_a_key_value_cache():
     assert torch.equal(out.sequences, _generate(model, PROMPT, use_cache=False))
 
 
-LSH = {"bucket_size": 4, "num_buckets": 4, "num_hashes": 2}  # a 20-token prompt: windows and buckets both used
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_lsh_decodes_from_its_bucket_index_and_matches_uncached_decoding(family):
-    from hf_attn_variants.modeling.decoding_caches import BucketIndexCache
-
-    model = hv.convert(tiny_model(family), attention="lsh", **LSH)
-    out = _generate(model, PROMPT, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, BucketIndexCache)
-    assert torch.equal(out.sequences, _generate(model, PROMPT, use_cache=False))
-
-
 def test_lsh_indexed_steps_equal_the_parallel_pass_and_the_index_stays_exact():
-    from hf_attn_variants.modeling.decoding_caches import BucketIndexCache
     from hf_attn_variants.modeling.lsh_attention import build_bucket_index, hash_rounds
 
     model = hv.convert(tiny_model("llama"), attention="lsh", **LSH)
