@@ -318,3 +318,30 @@ def test_save_pretrained_is_atomic_and_keeps_unrelated_files(tmp_path, monkeypat
     hv.convert(tiny_model("bert", seed=1), attention="lsh").save_pretrained(folder)
     assert (folder / "model.safetensors").read_bytes() != original
     assert (folder / "trainer_state.json").exists() and not (folder / "model-00002-of-00002.safetensors").exists()
+
+
+def test_performer_redraw_does_not_step_again_when_checkpointing_recomputes_the_forward(tmp_path):
+    """With redraw_interval=1 every training forward redraws. Activation checkpointing recomputes each layer in the
+    backward: the features must be the forward's, so the gradients equal those of the same step without it. The
+    redraw counter is saved, so a reloaded model continues the schedule."""
+    from transformers import AutoModelForMaskedLM
+
+    ids = torch.randint(3, 90, (2, 24), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for checkpointing in (False, True):
+        model = hv.convert(tiny_model("bert"), attention="performer", num_features=16, redraw_interval=1).train()
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+    state = model.bert.encoder.layer[0].attention.self.attn_variant
+    assert int(state.forward_calls) == 1 and int(state.draws) == 1  # one model forward, one redraw
+    model.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "m").bert.encoder.layer[0].attention.self.attn_variant
+    assert int(reloaded.draws) == 1 and torch.equal(reloaded.features, state.features)

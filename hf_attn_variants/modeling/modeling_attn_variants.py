@@ -179,6 +179,13 @@ def uses_recurrent_decoding(config) -> bool:
             and not (config.attention_settings or {}).get("window"))
 
 
+def _step_variant_states(model: torch.nn.Module, args) -> None:
+    """Forward pre-hook: count one model forward on every variant state that counts them (Performer's redraw)."""
+    for module in model.modules():
+        if isinstance(module, VariantState) and hasattr(module, "step"):
+            module.step(model.training)
+
+
 def _tensors_loaded(state: VariantState) -> bool:
     return all(getattr(t, "_is_hf_initialized", False) for t in state.state_dict(keep_vars=True).values())
 
@@ -196,6 +203,7 @@ class AttentionVariantMixin:
         if config.heads_per_layer is not None or config.intermediate_per_layer is not None:
             apply_config_shapes(self, self.family)
         install_length_checks(self, self.family)
+        self.register_forward_pre_hook(_step_variant_states)
 
     def initialize_weights(self) -> None:
         """transformers' initialisation, plus every variant state whose tensors were not loaded or initialised.

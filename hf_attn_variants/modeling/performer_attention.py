@@ -92,12 +92,14 @@ class PerformerState(VariantState):
             self.features = nn.Parameter(torch.empty(num_heads, settings.num_features, head_dim))
         else:
             self.register_buffer("features", torch.empty(settings.num_features, head_dim))
-        self.forward_calls = 0
-        self.draws = 0
+        # Counters are saved with the weights, so a reloaded model continues the same redraw schedule.
+        self.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        self.draws = 0
+        self.forward_calls.zero_()
+        self.draws.zero_()
         self.redraw(0)
 
     @torch.no_grad()
@@ -113,14 +115,17 @@ class PerformerState(VariantState):
             index = torch.tensor(keep_heads, device=self.features.device)
             self.features = nn.Parameter(self.features.detach()[index].clone())
 
+    @torch.no_grad()
     def step(self, training: bool) -> None:
-        """Count a forward pass; redraw every ``redraw_interval`` training forwards when asked to."""
+        """Count a model forward; redraw every ``redraw_interval`` training forwards when asked to. Called once per
+        forward of the whole model (a forward pre-hook of the model class), never by the attention function, so
+        activation checkpointing's recomputation in the backward sees the features its forward used."""
         if not training or self.settings.redraw_interval == 0:
             return
         self.forward_calls += 1
-        if self.forward_calls % self.settings.redraw_interval == 0:
+        if int(self.forward_calls) % self.settings.redraw_interval == 0:
             self.draws += 1
-            self.redraw(self.draws)
+            self.redraw(int(self.draws))
 
 
 class FeatureMap:
@@ -517,7 +522,6 @@ def performer_attention_forward(
     (there is no probability matrix to drop from)."""
     layer = decoding_layer(key)
     call = prepare_call(module, PerformerState, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
-    call.state.step(module.training)
     settings = call.state.settings
     if isinstance(layer, RecurrentStateLayer):  # decoding with RecurrentStateCache: continue the running sums
         if settings.window or not call.is_causal:
