@@ -176,7 +176,8 @@ def convert(
     finally:
         hf_logging.set_verbosity(verbosity)
     steps.update(1)
-    model = convert_model(source_model, attention, settings, max_position_embeddings, seed)
+    model = convert_model(source_model, attention, settings, max_position_embeddings, seed,
+                          share_weights=not isinstance(source, PreTrainedModel))
     steps.update(1)
     if output_dir is not None:
         source_name = source if isinstance(source, str) else getattr(source_model, "name_or_path", None) or None
@@ -207,8 +208,12 @@ def convert_model(
     settings: dict[str, Any],
     max_position_embeddings: int | None = None,
     seed: int = 0,
+    share_weights: bool = False,
 ) -> PreTrainedModel:
-    """Build the variant model for a loaded ``source_model`` and carry every weight over (source unchanged)."""
+    """Build the variant model for a loaded ``source_model`` and carry every weight over (source unchanged).
+
+    share_weights: hand the source's tensors to the new model instead of copies (no second copy in memory; the
+    source must not be used afterwards). ``convert`` does so for sources it loaded itself from a folder."""
     config = variant_config(source_model.config, attention, settings, max_position_embeddings, seed)
     family = source_family(source_model.config)
     stock_name = type(source_model).__name__.removeprefix("AttnVariant")
@@ -217,8 +222,9 @@ def convert_model(
             f"{type(source_model).__name__} has no variant class; supported {family} classes: "
             f"{sorted(VARIANT_MODELS[family])}."
         )
+    copies: dict[int, torch.Tensor] = {}  # one copy per tensor, so tied weights stay tied
     state = {
-        key: value
+        key: value if share_weights else copies.setdefault(value.data_ptr(), value.detach().clone())
         for key, value in source_model.state_dict().items()
         if f".{STATE_ATTRIBUTE}." not in key  # an earlier variant's state is replaced
     }
@@ -228,19 +234,23 @@ def convert_model(
         for key in list(state):
             if key.endswith(POSITION_EMBEDDING_KEYS):
                 state[key] = extend_position_embeddings(state[key], new_positions, front)
-    dtype = next(source_model.parameters()).dtype
+    reference = next(source_model.parameters())
     init_kwargs = {}
     if hasattr(source_model, "pooler") and source_model.pooler is None:  # BertModel(add_pooling_layer=False)
         init_kwargs["add_pooling_layer"] = False
-    model = VARIANT_MODELS[family][stock_name](config, **init_kwargs).to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Built on the meta device and given the source's own tensors (assign): no random initialisation and no second
+    # copy of the weights, so converting needs about the checkpoint's memory, not three times it.
+    with torch.device("meta"):
+        model = VARIANT_MODELS[family][stock_name](config, **init_kwargs)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     lost = [key for key in missing if f".{STATE_ATTRIBUTE}." not in key]
     if lost or unexpected:
         raise ConversionError(
             f"conversion would not carry every weight over (missing {lost[:5]}, unexpected {list(unexpected)[:5]}); "
             "please report this with the source model's config."
         )
-    model.to(next(source_model.parameters()).device)
+    materialize_new_tensors(model, reference.device, reference.dtype)
+    model.tie_weights()  # assigned tensors replace parameters: tie the output embedding to the input one again
     if getattr(source_model, "generation_config", None) is not None and model.can_generate():
         model.generation_config = GenerationConfig.from_dict(source_model.generation_config.to_dict())
     model.eval()
@@ -286,6 +296,33 @@ def copy_companion_files(source: str, destination: str | os.PathLike, extended: 
         data["max_seq_length"] = max(int(extended), data.get("max_seq_length", 0))
         st_config.write_text(json.dumps(data, indent=2) + "\n")
     return copied
+
+
+def materialize_new_tensors(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> None:
+    """Allocate and initialise what the checkpoint did not provide, after a meta-device build and an assigning load:
+    the variant's state (from its seed) and non-persistent buffers (position ids, rotary frequencies, through
+    transformers' own ``_init_weights``). Floating tensors take the source's dtype, as the weights have it."""
+    from .modeling.attention_common import VariantState
+
+    for name, module in model.named_modules():
+        direct = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        fresh = [key for key, tensor in direct if tensor.is_meta]
+        if not fresh:
+            continue
+        if len(fresh) != len(direct):  # a module half loaded, half new: never expected; refuse rather than guess
+            raise ConversionError(f"{name or type(module).__name__}: {fresh} were not in the checkpoint; please "
+                                  "report this with the source model's config.")
+        module.to_empty(device=device, recurse=False)
+        with torch.no_grad():
+            if isinstance(module, VariantState):
+                module.reset_parameters()
+            else:
+                model._init_weights(module)
+        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                target = module._parameters if key in module._parameters else module._buffers
+                cast = tensor.detach().to(dtype)
+                target[key] = torch.nn.Parameter(cast, tensor.requires_grad) if key in module._parameters else cast
 
 
 def _copy_tokenizer(source: str, destination: str) -> None:

@@ -233,3 +233,20 @@ def test_a_truncated_weight_file_gets_one_line_naming_it(saved_models, tmp_path,
     err = capsys.readouterr().err
     assert "model.safetensors cannot be read as safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_conversion_keeps_ties_and_never_touches_an_in_memory_source(saved_models):
+    """Built on the meta device and loaded by assignment: tied output embeddings stay tied (the same parameter),
+    and a source passed as a model keeps its own tensors (training the conversion leaves it unchanged)."""
+    source = tiny_model("gpt2")
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    model = hv.convert(source, attention="performer")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    from_folder = hv.convert(saved_models["gpt2"], attention="lsh")
+    assert from_folder.lm_head.weight is from_folder.transformer.wte.weight
+    assert not any(t.is_meta for t in [*from_folder.parameters(), *from_folder.buffers()])

@@ -186,8 +186,11 @@ def test_two_process_training_keeps_ranks_identical_and_lowers_the_loss(bert_wit
     )
     script = tmp_path / "job.py"
     script.write_text(DISTRIBUTED_JOB)
-    result = subprocess.run([*LAUNCHERS[launcher], str(script), str(recipe), str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    for _attempt in range(2):  # gloo's teardown aborts now and then (SIGABRT at exit, ~1 run in 10 under load)
+        result = subprocess.run([*LAUNCHERS[launcher], str(script), str(recipe), str(tmp_path)],
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode == 0 or "Signal 6 (SIGABRT)" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
