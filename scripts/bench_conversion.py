@@ -3,8 +3,8 @@ the same checkpoint, for synthetic bf16 Llama-shaped checkpoints built here (abo
 
     python scripts/bench_conversion.py [--sizes 0.5b 1.4b] [--out docs/benchmarks] [--work outputs/bench_conversion]
 
-Each measurement runs in its own process; peak RSS is that process's maximum resident set (ru_maxrss), so it
-includes Python, torch and transformers themselves (reported separately as the import baseline).
+Each measurement runs in its own process; peak RSS is that process's high-water resident set (VmHWM), which
+includes Python, torch and transformers themselves; the table also gives the peak above that import baseline.
 """
 
 from __future__ import annotations
@@ -24,23 +24,25 @@ SHAPES = {  # name -> Llama config fields
 }
 
 JOB = """
-import json, resource, sys, time
+import json, sys, time
+
+def high_water_mb():  # this process's peak RSS (VmHWM: reset at exec, unlike ru_maxrss, which a fork inherits)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
 import torch
+from transformers import AutoModelForCausalLM
+import hf_attn_variants as hv
 job, source, target = sys.argv[1:4]
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+baseline = high_water_mb()
+start = time.perf_counter()
 if job == "transformers":
-    from transformers import AutoModelForCausalLM
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(source)
-    model.save_pretrained(target)
+    AutoModelForCausalLM.from_pretrained(source).save_pretrained(target)
 else:
-    import hf_attn_variants as hv
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     hv.convert(source, attention=job, output_dir=target)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "import_mb": baseline / 1024}))
+print(json.dumps({"seconds": seconds, "peak_mb": high_water_mb(), "import_mb": baseline}))
 """
 
 
@@ -100,15 +102,16 @@ def main(argv=None) -> int:
         "",
         __doc__.split("\n\n", 1)[1].strip(),
         "",
-        f"| checkpoint | weights MB | transformers load+save: s · peak MB | convert to {args.variant}: s · peak MB "
-        "| convert peak / weights (above imports) | convert time / transformers |",
+        f"| checkpoint | weights MB | transformers load+save: s · peak MB (above imports) | convert to {args.variant}: "
+        "s · peak MB (above imports) | convert peak above imports / weights | convert time / transformers |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         t, c = r["transformers"], r["convert"]
         above = (c["peak_mb"] - c["import_mb"]) / r["checkpoint_mb"]
-        lines.append(f"| {r['size']} bf16 Llama | {r['checkpoint_mb']:.0f} | {t['seconds']:.1f} · {t['peak_mb']:.0f} | "
-                     f"{c['seconds']:.1f} · {c['peak_mb']:.0f} | {above:.2f} | {c['seconds'] / t['seconds']:.2f} |")
+        lines.append(f"| {r['size']} bf16 Llama | {r['checkpoint_mb']:.0f} | {t['seconds']:.1f} · {t['peak_mb']:.0f} "
+                     f"({t['peak_mb'] - t['import_mb']:.0f}) | {c['seconds']:.1f} · {c['peak_mb']:.0f} "
+                     f"({c['peak_mb'] - c['import_mb']:.0f}) | {above:.2f} | {c['seconds'] / t['seconds']:.2f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "conversion.md").write_text("\n".join(lines) + "\n")
