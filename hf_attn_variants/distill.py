@@ -199,7 +199,9 @@ def run_distill(recipe) -> dict[str, float]:
         metrics[f"stage{stage}_seconds"] = time.perf_counter() - start
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if losses:
-            metrics[f"stage{stage}_first_loss"], metrics[f"stage{stage}_last_loss"] = losses[0], losses[-1]
+            span = min(3, len(losses))  # the mean of the first / last three logged losses: one batch is noisy
+            metrics[f"stage{stage}_first_loss"] = sum(losses[:span]) / span
+            metrics[f"stage{stage}_last_loss"] = sum(losses[-span:]) / span
         metrics[f"cosine_after_stage{stage}"] = fidelity(student)
         student.train()
     metrics["cosine_after"] = metrics[f"cosine_after_stage{stages[-1]}"] if stages else metrics["cosine_before"]
