@@ -187,7 +187,7 @@ def convert(
                 _copy_tokenizer(source, tmp)
                 copy_companion_files(source, tmp, extended=(
                     model.config.max_position_embeddings > source_model.config.max_position_embeddings
-                ) and _usable_positions(model.config))
+                ) and usable_positions(model.config))
             card = source_card_facts(source_name)
             base = base_model or card.get("base_model")
             settings_text = ", ".join(f"{k}={v}" for k, v in settings.items()) or "no settings"
@@ -261,10 +261,12 @@ WRITTEN_BY_CONVERSION = ("config.json", "generation_config.json", "README.md", "
 """Files the conversion writes itself; every other non-weight file of a source folder is carried over."""
 
 
-def _usable_positions(config: Any) -> int:
-    """Input tokens the learned positions allow (RoBERTa reserves padding_idx + 1 rows)."""
-    positions = config.max_position_embeddings
-    return positions - (config.pad_token_id + 1) if config.model_type == "attn_variant_roberta" else positions
+def usable_positions(config: Any) -> int:
+    """Input tokens a stock or variant config's positions allow (RoBERTa reserves padding_idx + 1 rows)."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
+    if config.model_type.removeprefix("attn_variant_") == "roberta":
+        positions -= config.pad_token_id + 1
+    return positions
 
 
 def copy_companion_files(source: str, destination: str | os.PathLike, extended: int | bool = False) -> list[str]:

@@ -58,14 +58,6 @@ def token_windows(tokenizer, texts: list[str], length: int, count: int) -> torch
     return torch.tensor(windows)
 
 
-def source_positions(config) -> int:
-    """Learned/trained positions of a config (RoBERTa reserves padding_idx + 1 rows)."""
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
-    if config.model_type.removeprefix("attn_variant_") == "roberta":
-        positions -= config.pad_token_id + 1
-    return positions
-
-
 @torch.no_grad()
 def pooled(model, ids: torch.Tensor, batch_size: int = 2) -> torch.Tensor:
     """Mean-pooled last hidden states [n, hidden] of unpadded windows ids [n, length]."""
@@ -94,7 +86,7 @@ def evaluate_fidelity(source: str, converted: str, lengths=DEFAULT_LENGTHS, text
                       count: int = 8) -> dict[str, Any]:
     """Fidelity by length (see the module docstring). Returns {"kind", "texts", "rows": [{length, reference,
     windows, metric values}]}."""
-    from .conversion import convert
+    from .conversion import convert, usable_positions
 
     hf_logging.set_verbosity_error()
     config = AutoConfig.from_pretrained(converted)
@@ -109,12 +101,12 @@ def evaluate_fidelity(source: str, converted: str, lengths=DEFAULT_LENGTHS, text
         texts, description = default_texts()
     candidate = auto.from_pretrained(converted).eval()
     source_model = auto.from_pretrained(source).eval()
-    limit = source_positions(source_model.config)
+    limit = usable_positions(source_model.config)
     extended = None
     rows = []
     for length in lengths:
-        if length > source_positions(config):
-            raise ValueError(f"length {length} exceeds the converted model's {source_positions(config)} positions; "
+        if length > usable_positions(config):
+            raise ValueError(f"length {length} exceeds the converted model's {usable_positions(config)} positions; "
                              "drop it from --lengths or convert with a larger max_position_embeddings.")
         reference, reference_name = source_model, "source"
         if length > limit:

@@ -43,4 +43,6 @@ def test_every_family_and_variant_loads_as_remote_code_without_the_package(tmp_p
         module, class_name, implementation = classes[name]
         assert module.startswith("transformers_modules.") and class_name.startswith("AttnVariant")
         assert implementation == name.split("-", 1)[1]
-        assert torch.equal(outputs[name], logits), name
+        # Another process: BLAS kernels may take other SIMD paths for other buffer alignments, so the last bit can
+        # differ (seen once in ~5 full runs); within a process reloads are checked bit for bit (test_families).
+        torch.testing.assert_close(outputs[name], logits, atol=1e-6, rtol=1e-6, msg=name)
