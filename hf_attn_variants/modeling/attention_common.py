@@ -320,7 +320,7 @@ def per_unpadded_row(attend, query: torch.Tensor, key: torch.Tensor, value: torc
         real = key_mask[b].nonzero().squeeze(1)  # real keys, in order; the real queries are the last of them
         real_queries = real[real >= lk - lq] - (lk - lq)
         out = query.new_zeros(1, *query.shape[1:])
-        if real.numel():
+        if real_queries.numel():  # a row whose queries are all padding keeps zeros
             part = attend(query[b : b + 1].index_select(2, real_queries), key[b : b + 1].index_select(2, real),
                           value[b : b + 1].index_select(2, real))
             out = out.index_copy(2, real_queries, part.to(out.dtype))
