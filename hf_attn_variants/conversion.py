@@ -19,27 +19,19 @@ from .hub import source_card_facts, write_model_card
 from .modeling import VARIANT_CONFIGS, VARIANT_MODELS, get_variant, resolve_settings
 from .modeling.atomic_io import atomic_output_dir, check_output_dir
 from .modeling.attention_common import STATE_ATTRIBUTE
-
-ABSOLUTE_POSITION_FAMILIES = {"bert": 0, "roberta": None, "gpt2": 0}
-"""Families with learned absolute positions -> rows kept in front of the tiled ones (RoBERTa: padding_idx + 1)."""
-
-POSITION_EMBEDDING_KEYS = ("embeddings.position_embeddings.weight", "wpe.weight")
+from .modeling.families import Family, family_of
 
 
 class ConversionError(ValueError):
     """A conversion request that cannot be carried out; the message names the problem and the fix."""
 
 
-def source_family(config: Any) -> str:
-    """The family ('bert', 'gpt2', ...) of a source config; variant configs map back to their family."""
-    model_type = config.model_type
-    for family, config_class in VARIANT_CONFIGS.items():
-        if model_type in (family, config_class.model_type):
-            return family
-    raise ConversionError(
-        f"model type '{model_type}' is not supported; hf_attn_variants converts {sorted(VARIANT_CONFIGS)} "
-        "(models whose attention goes through transformers' AttentionInterface)."
-    )
+def source_family(config: Any) -> Family:
+    """The family of a source config (variant configs map back to their family), or a ConversionError."""
+    try:
+        return family_of(config)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
 
 
 def _check_weights_present(source: str) -> None:
@@ -97,10 +89,9 @@ def variant_config(
                 "conversion only lengthens the context. Leave it unset or pass a value >= "
                 f"{old_positions}."
             )
-        key = "n_positions" if family == "gpt2" else "max_position_embeddings"
-        fields[key] = max_position_embeddings
+        fields[family.position_field] = max_position_embeddings
     try:
-        return VARIANT_CONFIGS[family](
+        return VARIANT_CONFIGS[family.name](
             attention_type=attention, attention_settings=settings, attention_seed=seed, **fields
         )
     except ValueError as err:
@@ -118,25 +109,24 @@ def extend_position_embeddings(weight: torch.Tensor, new_rows: int, keep_front: 
     return torch.cat([weight[:keep_front], weight[index]])
 
 
-def _front_rows(family: str, config: Any) -> int:
-    keep = ABSOLUTE_POSITION_FAMILIES[family]
-    return config.pad_token_id + 1 if keep is None else keep
+def _front_rows(family: Family, config: Any) -> int:
+    return config.pad_token_id + 1 if family.front_rows is None else family.front_rows
 
 
 def _load_source(source: str | PreTrainedModel, **load_kwargs) -> PreTrainedModel:
     if isinstance(source, PreTrainedModel):
         return source
     config = AutoConfig.from_pretrained(source, **load_kwargs)
-    family = source_family(config)
+    classes = VARIANT_MODELS[source_family(config).name]
     architectures = getattr(config, "architectures", None) or []
     stock_name = architectures[0].removeprefix("AttnVariant") if architectures else ""
-    if stock_name not in VARIANT_MODELS[family]:
-        stock_name = next(iter(VARIANT_MODELS[family]))  # the family's base model
+    if stock_name not in classes:
+        stock_name = next(iter(classes))  # the family's base model
     import transformers
 
     stock_class = getattr(transformers, stock_name)
-    if config.model_type != family:  # an already converted model: load it as its variant class
-        stock_class = VARIANT_MODELS[family][stock_name]
+    if config.model_type.startswith("attn_variant_"):  # an already converted model: load it as its variant class
+        stock_class = classes[stock_name]
     return stock_class.from_pretrained(source, use_safetensors=True, **load_kwargs)
 
 
@@ -169,37 +159,49 @@ def convert(
         _check_weights_present(source)
         # Validate family and settings from the config alone, before the weights are read.
         variant_config(AutoConfig.from_pretrained(source), attention, settings, max_position_embeddings, seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        source_model = _load_source(source)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    source_model = _load_source_quietly(source)
     steps.update(1)
     model = convert_model(source_model, attention, settings, max_position_embeddings, seed,
                           share_weights=not isinstance(source, PreTrainedModel))
     steps.update(1)
     if output_dir is not None:
-        source_name = source if isinstance(source, str) else getattr(source_model, "name_or_path", None) or None
-        with atomic_output_dir(output_dir, overwrite) as tmp:
-            model.save_pretrained(tmp)
-            if isinstance(source, str):
-                _copy_tokenizer(source, tmp)
-                copy_companion_files(source, tmp, extended=(
-                    model.config.max_position_embeddings > source_model.config.max_position_embeddings
-                ) and usable_positions(model.config))
-            card = source_card_facts(source_name)
-            base = base_model or card.get("base_model")
-            settings_text = ", ".join(f"{k}={v}" for k, v in settings.items()) or "no settings"
-            write_model_card(
-                tmp, model.config, type(model).__name__, base_model=base, license=card.get("license"),
-                source_positions=source_model.config.max_position_embeddings, repo_id=Path(output_dir).name,
-                history=[f"converted from {base} to '{attention}' ({settings_text}, seed {seed}) with "
-                         "hf_attn_variants"],
-            )
+        save_conversion(model, source, source_model, output_dir, overwrite, base_model, settings, seed)
     steps.update(1)
     steps.close()
     return model
+
+
+def _load_source_quietly(source: str | PreTrainedModel) -> PreTrainedModel:
+    """The source model, without transformers' per-load warnings (conversion checks the weights itself)."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return _load_source(source)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def save_conversion(model: PreTrainedModel, source: str | PreTrainedModel, source_model: PreTrainedModel,
+                    output_dir: str | os.PathLike, overwrite: bool, base_model: str | None,
+                    settings: dict[str, Any], seed: int) -> None:
+    """Write a converted model atomically: weights and config, the source's tokenizer and companion files (for a
+    folder source), and a model card recording where it came from."""
+    source_name = source if isinstance(source, str) else getattr(source_model, "name_or_path", None) or None
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if isinstance(source, str):
+            _copy_tokenizer(source, tmp)
+            extended = model.config.max_position_embeddings > source_model.config.max_position_embeddings
+            copy_companion_files(source, tmp, extended=extended and usable_positions(model.config))
+        card = source_card_facts(source_name)
+        base = base_model or card.get("base_model")
+        settings_text = ", ".join(f"{k}={v}" for k, v in settings.items()) or "no settings"
+        write_model_card(
+            tmp, model.config, type(model).__name__, base_model=base, license=card.get("license"),
+            source_positions=source_model.config.max_position_embeddings, repo_id=Path(output_dir).name,
+            history=[f"converted from {base} to '{model.config.attention_type}' ({settings_text}, seed {seed}) "
+                     "with hf_attn_variants"],
+        )
 
 
 def convert_model(
@@ -216,11 +218,12 @@ def convert_model(
     source must not be used afterwards). ``convert`` does so for sources it loaded itself from a folder."""
     config = variant_config(source_model.config, attention, settings, max_position_embeddings, seed)
     family = source_family(source_model.config)
+    classes = VARIANT_MODELS[family.name]
     stock_name = type(source_model).__name__.removeprefix("AttnVariant")
-    if stock_name not in VARIANT_MODELS[family]:
+    if stock_name not in classes:
         raise ConversionError(
-            f"{type(source_model).__name__} has no variant class; supported {family} classes: "
-            f"{sorted(VARIANT_MODELS[family])}."
+            f"{type(source_model).__name__} has no variant class; supported {family.name} classes: "
+            f"{sorted(classes)}."
         )
     copies: dict[int, torch.Tensor] = {}  # one copy per tensor, so tied weights stay tied
     state = {
@@ -229,10 +232,10 @@ def convert_model(
         if f".{STATE_ATTRIBUTE}." not in key  # an earlier variant's state is replaced
     }
     new_positions = getattr(config, "max_position_embeddings", None)
-    if family in ABSOLUTE_POSITION_FAMILIES and new_positions != source_model.config.max_position_embeddings:
+    if family.position_key and new_positions != source_model.config.max_position_embeddings:
         front = _front_rows(family, config)
         for key in list(state):
-            if key.endswith(POSITION_EMBEDDING_KEYS):
+            if key.endswith(family.position_key):
                 state[key] = extend_position_embeddings(state[key], new_positions, front)
     reference = next(source_model.parameters())
     init_kwargs = {}
@@ -241,7 +244,7 @@ def convert_model(
     # Built on the meta device and given the source's own tensors (assign): no random initialisation and no second
     # copy of the weights, so converting needs about the checkpoint's memory, not three times it.
     with torch.device("meta"):
-        model = VARIANT_MODELS[family][stock_name](config, **init_kwargs)
+        model = classes[stock_name](config, **init_kwargs)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     lost = [key for key in missing if f".{STATE_ATTRIBUTE}." not in key]
     if lost or unexpected:
@@ -264,7 +267,7 @@ WRITTEN_BY_CONVERSION = ("config.json", "generation_config.json", "README.md", "
 def usable_positions(config: Any) -> int:
     """Input tokens a stock or variant config's positions allow (RoBERTa reserves padding_idx + 1 rows)."""
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
-    if config.model_type.removeprefix("attn_variant_") == "roberta":
+    if family_of(config).front_rows is None:  # RoBERTa: padding_idx + 1 rows before the first token
         positions -= config.pad_token_id + 1
     return positions
 

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
-from .modeling.configuration_attn_variants import config_family
-from .modeling.modeling_attn_variants import is_variant_attention
+from .modeling.families import family_of
 
 SHORT_TOKENS = 64  # "short input" length of the non-regression check
 
@@ -29,8 +28,8 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP
         inner = inner.module
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    family = config_family(base.config)
-    return [m for m in base.modules() if is_variant_attention(m, family)]
+    family = family_of(base.config)
+    return [m for m in base.modules() if family.is_variant_attention(m)]
 
 
 @contextmanager

@@ -17,8 +17,7 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
 from .modeling import get_variant
-from .modeling.configuration_attn_variants import config_family
-from .modeling.modeling_attn_variants import auto_class_name
+from .modeling.families import family_of
 
 FACTS_FILE = "hf_attn_variants_card.json"
 CARD_FILE = "README.md"
@@ -98,7 +97,8 @@ def write_model_card(
 def render_model_card(folder: str | os.PathLike, config: Any, architecture: str, facts: dict[str, Any]) -> ModelCard:
     """The ModelCard for a saved folder from its config and facts (no I/O)."""
     variant = config.attention_type
-    family = config_family(config)
+    family_entry = family_of(config)
+    family = family_entry.name
     repo_id = facts.get("repo_id") or Path(folder).name
     eval_results = [EvalResult(**r) for r in facts.get("results", [])]
     card_data = ModelCardData(
@@ -126,8 +126,8 @@ def render_model_card(folder: str | os.PathLike, config: Any, architecture: str,
         seed=config.attention_seed,
         max_positions=getattr(config, "max_position_embeddings", None),
         source_positions=facts.get("source_positions"),
-        causal=get_variant(variant).causal and family not in ("bert", "roberta"),
-        auto_class=auto_class_name(architecture.removeprefix("AttnVariant")) or "AutoModel",
+        causal=get_variant(variant).causal and family_entry.causal,
+        auto_class=(family_entry.head_classes.get(architecture.removeprefix("AttnVariant")) or ("AutoModel",))[0],
         results=eval_results,
         history=facts.get("history", []),
         limitations=LIMITATIONS[variant],

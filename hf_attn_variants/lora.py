@@ -10,17 +10,7 @@ from transformers import PreTrainedModel
 
 from .modeling import get_variant
 from .modeling.attention_common import STATE_ATTRIBUTE
-from .modeling.configuration_attn_variants import config_family
-
-DEFAULT_TARGETS = {
-    "bert": ["query", "key", "value"],
-    "roberta": ["query", "key", "value"],
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
-"""Family -> attention projections LoRA adapts by default (PEFT cannot infer them for a custom model_type)."""
+from .modeling.families import family_of
 
 TASK_TYPES = (
     ("ForSequenceClassification", TaskType.SEQ_CLS),
@@ -31,17 +21,15 @@ TASK_TYPES = (
 )
 
 
-def model_family(model: PreTrainedModel) -> str:
-    """'bert', 'gpt2', ... of a variant (or stock) model."""
-    return config_family(model.config)
-
-
 def default_target_modules(model: PreTrainedModel) -> list[str]:
-    """The attention projections LoRA adapts by default for ``model``'s family."""
-    family = model_family(model)
-    if family not in DEFAULT_TARGETS:
-        raise ValueError(f"no default LoRA targets for model type '{model.config.model_type}'; pass target_modules.")
-    return list(DEFAULT_TARGETS[family])
+    """The attention projections LoRA adapts by default for ``model``'s family (PEFT cannot infer them for a custom
+    model_type): the family table's ``lora_targets``."""
+    try:
+        return list(family_of(model.config).lora_targets)
+    except ValueError:
+        raise ValueError(
+            f"no default LoRA targets for model type '{model.config.model_type}'; pass target_modules."
+        ) from None
 
 
 def lora_config(
@@ -64,7 +52,7 @@ def lora_config(
     return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=target_modules or default_target_modules(model),
-        fan_in_fan_out=model_family(model) == "gpt2",
+        fan_in_fan_out=family_of(model.config).conv1d,
         modules_to_save=modules_to_save or None,
         task_type=task_type,
         **kwargs,

@@ -12,32 +12,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .modeling.configuration_attn_variants import config_family
-from .modeling.pruned_shapes import head_dim_of, layers, prune_layer_ffn, prune_layer_heads
+from .modeling.families import Family, family_of, get_path
+from .modeling.pruned_shapes import head_dim_of, prune_layer_ffn, prune_layer_heads
 
 
-def _family(model: PreTrainedModel) -> str:
-    family = config_family(model.config)
+def _family(model: PreTrainedModel) -> Family:
     if not hasattr(model.config, "heads_per_layer"):
         raise ValueError(f"{type(model).__name__} is not a hf_attn_variants model; convert it first "
                          "(hf_attn_variants.convert(model, attention='full') keeps exact attention).")
-    return family
-
-
-def _attention_output(layer: torch.nn.Module, family: str) -> torch.nn.Module:
-    if family in ("bert", "roberta"):
-        return layer.attention.output.dense
-    if family == "gpt2":
-        return layer.attn.c_proj
-    return layer.self_attn.o_proj
-
-
-def _ffn_input(layer: torch.nn.Module, family: str) -> torch.nn.Module:
-    if family in ("bert", "roberta"):
-        return layer.intermediate.dense
-    if family == "gpt2":
-        return layer.mlp.c_fc
-    return layer.mlp.up_proj
+    return family_of(model.config)
 
 
 def default_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -69,10 +52,11 @@ def importance_scores(
     """Head importance [layers, heads] (|dL/d gate| summed over the data, each layer L2-normalised, as Michel et
     al.) and per-layer FFN neuron importance (sum |activation * gradient|)."""
     family = _family(model)
-    blocks = layers(model, family)
+    blocks = family.blocks_of(model)
     d = head_dim_of(model.config)
     heads = torch.zeros(len(blocks), model.config.num_attention_heads)  # current heads use the first columns
-    neurons = [torch.zeros(_width(_ffn_input(b, family), family)) for b in blocks]
+    ffn_input = family.ffn_inputs[-1]  # the up projection of gated MLPs: its outputs are the neurons' values
+    neurons = [torch.zeros(_width(get_path(b, ffn_input), family)) for b in blocks]
     handles = []
 
     def attention_hook(index):
@@ -95,9 +79,9 @@ def importance_scores(
         return hook
 
     for index, block in enumerate(blocks):  # the heads' outputs are the input of the output projection
-        handles.append(_attention_output(block, family).register_forward_pre_hook(attention_hook(index)))
+        handles.append(get_path(block, family.attention_output).register_forward_pre_hook(attention_hook(index)))
     for index, block in enumerate(blocks):
-        handles.append(_ffn_input(block, family).register_forward_hook(ffn_hook(index)))
+        handles.append(get_path(block, ffn_input).register_forward_hook(ffn_hook(index)))
     try:
         for batch in batches:
             model.zero_grad(set_to_none=True)
@@ -110,8 +94,9 @@ def importance_scores(
     return heads, neurons
 
 
-def _width(module: torch.nn.Module, family: str) -> int:
-    return module.weight.shape[1] if family == "gpt2" else module.weight.shape[0]
+def _width(module: torch.nn.Module, family: Family) -> int:
+    """Output features of a projection (Conv1D stores its weight [in, out])."""
+    return module.weight.shape[1] if family.conv1d else module.weight.shape[0]
 
 
 def prune_model(
@@ -126,9 +111,9 @@ def prune_model(
             raise ValueError(f"{name}={fraction} must be in [0, 1).")
     family = _family(model)
     config = model.config
-    blocks = layers(model, family)
+    blocks = family.blocks_of(model)
     current = list(config.heads_per_layer or [config.num_attention_heads] * len(blocks))
-    groups = getattr(blocks[0].self_attn, "num_key_value_groups", 1) if family not in ("bert", "roberta", "gpt2") else 1
+    groups = getattr(get_path(blocks[0], family.attention), "num_key_value_groups", 1)
     removed: dict[int, list[int]] = {}
     if head_fraction > 0 and head_scores is not None:
         # Score whole key/value groups (a single head without GQA); drop the lowest globally.
@@ -145,7 +130,7 @@ def prune_model(
                 budget -= 1
         for layer, gone in removed.items():
             keep = [h for h in range(current[layer]) if h not in set(gone)]
-            prune_layer_heads(blocks[layer], family, keep, config)
+            prune_layer_heads(blocks[layer], family.name, keep, config)
             current[layer] = len(keep)
         config.heads_per_layer = current
         history = dict(config.pruned_heads or {})
@@ -158,29 +143,29 @@ def prune_model(
             scores = neuron_scores[layer]
             keep_count = max(1, int(round(len(scores) * (1 - ffn_fraction))))
             keep = sorted(scores.topk(keep_count).indices.tolist())
-            prune_layer_ffn(block, family, keep)
+            prune_layer_ffn(block, family.name, keep)
             sizes.append(keep_count)
         config.intermediate_per_layer = sizes
     return removed
 
 
 def magnitude_prune(model: PreTrainedModel, fraction: float) -> int:
-    """Zero the ``fraction`` smallest-magnitude weights of every Linear/Conv1D matrix (per matrix); returns the
-    number of weights zeroed. Unstructured: the model does not get smaller on disk or faster."""
+    """Zero the ``fraction`` smallest-magnitude weights of every Linear/Conv1D matrix (per matrix, with
+    ``torch.nn.utils.prune``; embeddings and an output layer tied to them are left alone); returns the number of
+    weights zeroed. Unstructured: the model does not get smaller on disk or faster."""
+    from torch.nn.utils import prune
+    from transformers.pytorch_utils import Conv1D
+
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"magnitude fraction={fraction} must be in [0, 1).")
+    tied = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     zeroed = 0
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() != 2 or "embeddings" in name or name.endswith(("wte.weight", "wpe.weight")):
-                continue
-            k = int(fraction * param.numel())
-            if k == 0:
-                continue
-            threshold = param.abs().flatten().kthvalue(k).values
-            mask = param.abs() <= threshold
-            param.masked_fill_(mask, 0.0)
-            zeroed += int(mask.sum())
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear | Conv1D) or id(module.weight) in tied:
+            continue
+        prune.l1_unstructured(module, "weight", amount=fraction)
+        zeroed += int((module.weight_mask == 0).sum())
+        prune.remove(module, "weight")  # make the zeros permanent: a plain parameter again
     return zeroed
 
 
@@ -228,11 +213,10 @@ def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fra
 
     check_output_dir(output_dir, overwrite)
     config = AutoConfig.from_pretrained(source)
-    family = config_family(config)
-    if family not in modeling.VARIANT_MODELS:
+    if not config.model_type.startswith("attn_variant_"):
         raise ValueError(f"{source} is not a hf_attn_variants model (model_type {config.model_type}); convert it "
                          "first: hf-attn-variants convert SRC DST --attention full.")
-    classes = modeling.VARIANT_MODELS[family]
+    classes = modeling.VARIANT_MODELS[family_of(config).name]
     architecture = (config.architectures or [""])[0].removeprefix("AttnVariant")
     architecture = architecture if architecture in classes else next(iter(classes))
     model_class = classes[architecture]

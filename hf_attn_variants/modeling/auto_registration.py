@@ -6,20 +6,17 @@ import transformers
 from transformers import AutoConfig
 
 from .configuration_attn_variants import VARIANT_CONFIGS
-from .modeling_attn_variants import VARIANT_MODELS, auto_class_name
-
-
-def auto_class_for(class_name: str):
-    """The Auto class a transformers model class name belongs to, or None."""
-    name = auto_class_name(class_name)
-    return None if name is None else getattr(transformers, name)
+from .families import FAMILIES
+from .model_classes import VARIANT_MODELS
 
 
 def register_auto_classes() -> None:
-    """Register every family config with AutoConfig and every variant model with its Auto class (idempotent)."""
-    for family, config_class in VARIANT_CONFIGS.items():
+    """Register every family config with AutoConfig and every variant model with each Auto class its
+    transformers class belongs to (the family table's ``head_classes``). Idempotent."""
+    for name, family in FAMILIES.items():
+        config_class = VARIANT_CONFIGS[name]
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        for base_name, model_class in VARIANT_MODELS[family].items():
-            auto_class = auto_class_for(base_name)
-            if auto_class is not None:
-                auto_class.register(config_class, model_class, exist_ok=True)
+        for class_name, auto_names in family.head_classes.items():
+            for auto_name in auto_names:
+                getattr(transformers, auto_name).register(config_class, VARIANT_MODELS[name][class_name],
+                                                          exist_ok=True)

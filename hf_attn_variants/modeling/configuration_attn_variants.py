@@ -12,6 +12,7 @@ import dataclasses
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, RobertaConfig
 
+from .families import FAMILIES
 from .variant_registry import get_variant, resolve_settings
 
 
@@ -49,12 +50,8 @@ class AttentionVariantFields:
 
     def is_causal_family(self) -> bool:
         """Whether the attention of this config's models is causal (decoders, or BERT-style with is_decoder)."""
-        return bool(getattr(self, "is_decoder", False))
-
-
-class CausalFamilyFields(AttentionVariantFields):
-    def is_causal_family(self) -> bool:
-        return True
+        family = FAMILIES[self.model_type.removeprefix("attn_variant_")]
+        return family.causal or bool(getattr(self, "is_decoder", False))
 
 
 @strict
@@ -68,28 +65,23 @@ class AttnVariantRobertaConfig(AttentionVariantFields, RobertaConfig):
 
 
 @strict
-class AttnVariantGPT2Config(CausalFamilyFields, GPT2Config):
+class AttnVariantGPT2Config(AttentionVariantFields, GPT2Config):
     model_type = "attn_variant_gpt2"
 
 
 @strict
-class AttnVariantLlamaConfig(CausalFamilyFields, LlamaConfig):
+class AttnVariantLlamaConfig(AttentionVariantFields, LlamaConfig):
     model_type = "attn_variant_llama"
 
 
 @strict
-class AttnVariantQwen2Config(CausalFamilyFields, Qwen2Config):
+class AttnVariantQwen2Config(AttentionVariantFields, Qwen2Config):
     model_type = "attn_variant_qwen2"
 
 
 @strict
-class AttnVariantMistralConfig(CausalFamilyFields, MistralConfig):
+class AttnVariantMistralConfig(AttentionVariantFields, MistralConfig):
     model_type = "attn_variant_mistral"
-
-
-def config_family(config) -> str:
-    """The family ('bert', 'gpt2', ...) of a variant or stock config."""
-    return config.model_type.removeprefix("attn_variant_")
 
 
 VARIANT_CONFIGS = {

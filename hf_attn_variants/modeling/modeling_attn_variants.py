@@ -1,7 +1,8 @@
-"""Model subclasses of transformers' own classes, one per family and head, that run an attention variant.
+"""The mixin that makes a transformers model class run an attention variant.
 
-Nothing of transformers' modeling code is copied: each class is ``(AttentionVariantMixin, <transformers class>)``.
-The mixin (1) sets the attention implementation from ``config.attention_type`` (transformers does not save
+Nothing of transformers' modeling code is copied: each variant class is ``(AttentionVariantMixin, <transformers
+class>)``, written out per family and head in model_classes.py (generated from the family table). The mixin
+(1) sets the attention implementation from ``config.attention_type`` (transformers does not save
 ``attn_implementation``), (2) puts the variant's state (``attn_variant``) on every self-attention module, and
 (3) initialises that state deterministically when a checkpoint lacks it (transformers builds on the meta device,
 so new state would otherwise be uninitialised memory).
@@ -9,111 +10,26 @@ so new state would otherwise be uninitialised memory).
 
 from __future__ import annotations
 
-import sys
-
 import torch
-import transformers
 from transformers.cache_utils import DynamicCache
-from transformers.models.bert.modeling_bert import BertSelfAttention
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
-from transformers.models.llama.modeling_llama import LlamaAttention
-from transformers.models.mistral.modeling_mistral import MistralAttention
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
-from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 
 from .atomic_io import atomic_save_dir
 from .attention_common import STATE_ATTRIBUTE, VariantState, attention_shape
-from .configuration_attn_variants import VARIANT_CONFIGS
 from .decoding_caches import BucketIndexCache, RecurrentStateCache
+from .families import FAMILIES, family_auto_map
 from .pruned_shapes import apply_config_shapes
 from .variant_registry import get_variant
-
-ATTENTION_CLASSES = {
-    "bert": (BertSelfAttention,),
-    "roberta": (RobertaSelfAttention,),
-    "gpt2": (GPT2Attention,),
-    "llama": (LlamaAttention,),
-    "qwen2": (Qwen2Attention,),
-    "mistral": (MistralAttention,),
-}
-"""Family -> the self-attention module classes that call the attention interface."""
-
-HEAD_CLASSES = {
-    "bert": (
-        "BertModel", "BertForPreTraining", "BertLMHeadModel", "BertForMaskedLM", "BertForNextSentencePrediction",
-        "BertForSequenceClassification", "BertForMultipleChoice", "BertForTokenClassification",
-        "BertForQuestionAnswering",
-    ),
-    "roberta": (
-        "RobertaModel", "RobertaForCausalLM", "RobertaForMaskedLM", "RobertaForSequenceClassification",
-        "RobertaForMultipleChoice", "RobertaForTokenClassification", "RobertaForQuestionAnswering",
-    ),
-    "gpt2": (
-        "GPT2Model", "GPT2LMHeadModel", "GPT2DoubleHeadsModel", "GPT2ForSequenceClassification",
-        "GPT2ForTokenClassification", "GPT2ForQuestionAnswering",
-    ),
-    "llama": (
-        "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaForTokenClassification",
-        "LlamaForQuestionAnswering",
-    ),
-    "qwen2": (
-        "Qwen2Model", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", "Qwen2ForTokenClassification",
-        "Qwen2ForQuestionAnswering",
-    ),
-    "mistral": (
-        "MistralModel", "MistralForCausalLM", "MistralForSequenceClassification", "MistralForTokenClassification",
-        "MistralForQuestionAnswering",
-    ),
-}
-"""Family -> the transformers classes that get a variant subclass (base model and every head)."""
-
-
-AUTO_CLASS_BY_SUFFIX = (
-    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-    ("ForTokenClassification", "AutoModelForTokenClassification"),
-    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-    ("ForMultipleChoice", "AutoModelForMultipleChoice"),
-    ("ForNextSentencePrediction", "AutoModelForNextSentencePrediction"),
-    ("ForPreTraining", "AutoModelForPreTraining"),
-    ("ForMaskedLM", "AutoModelForMaskedLM"),
-    ("ForCausalLM", "AutoModelForCausalLM"),
-    ("LMHeadModel", "AutoModelForCausalLM"),
-    ("Model", "AutoModel"),
-)
-"""Class-name suffix -> name of its Auto class (first match wins; GPT2DoubleHeadsModel has none)."""
-
-
-def auto_class_name(class_name: str) -> str | None:
-    """The name of the Auto class a transformers model class belongs to, or None."""
-    if class_name.endswith("DoubleHeadsModel"):
-        return None
-    return next((auto for suffix, auto in AUTO_CLASS_BY_SUFFIX if class_name.endswith(suffix)), None)
-
-
-def family_auto_map(family: str) -> dict[str, str]:
-    """config.json ``auto_map`` of a family: AutoConfig and every Auto class -> 'module.Class' in the saved code."""
-    config_class = VARIANT_CONFIGS[family]
-    auto_map = {"AutoConfig": f"{config_class.__module__.split('.')[-1]}.{config_class.__name__}"}
-    for base_name in HEAD_CLASSES[family]:
-        auto = auto_class_name(base_name)
-        if auto is not None and auto not in auto_map:
-            auto_map[auto] = f"{__name__.split('.')[-1]}.AttnVariant{base_name}"
-    return auto_map
-
-
-def is_variant_attention(module: torch.nn.Module, family: str) -> bool:
-    """Whether ``module`` is a self-attention module of ``family`` that the variant replaces."""
-    return isinstance(module, ATTENTION_CLASSES[family]) and not getattr(module, "is_cross_attention", False)
 
 
 def install_variant_states(model: torch.nn.Module, family: str) -> None:
     """Attach the variant's state (``attn_variant``) to every self-attention module of ``model``."""
     config = model.config
+    is_variant_attention = FAMILIES[family].is_variant_attention
     variant = get_variant(config.attention_type)
     settings = variant.settings(**config.attention_settings)
     heads, head_dim = attention_shape(config)
     for module in model.modules():
-        if not is_variant_attention(module, family):
+        if not is_variant_attention(module):
             continue
         if variant.state is None:
             if hasattr(module, STATE_ATTRIBUTE):
@@ -157,11 +73,14 @@ def _check_position_ids(module: torch.nn.Module, args: tuple) -> None:
 
 def install_length_checks(model: torch.nn.Module, family: str) -> None:
     """Make inputs longer than the learned absolute positions fail with a message naming the fix."""
-    base = model.base_model
-    if family in ("bert", "roberta"):
-        base.embeddings.register_forward_pre_hook(_check_embedding_length, with_kwargs=True)
-    elif family == "gpt2":
-        base.wpe.register_forward_pre_hook(_check_position_ids)
+    position_key = FAMILIES[family].position_key
+    if position_key is None:  # rotary positions: any length runs
+        return
+    table = model.base_model.get_submodule(position_key.removesuffix(".weight"))
+    if position_key.startswith("embeddings."):  # BERT-style: the embeddings block builds the position ids
+        model.base_model.embeddings.register_forward_pre_hook(_check_embedding_length, with_kwargs=True)
+    else:  # GPT-2: position ids go into the table
+        table.register_forward_pre_hook(_check_position_ids)
 
 
 def decoding_cache(config):
@@ -238,47 +157,10 @@ class AttentionVariantMixin:
         """transformers' save_pretrained, plus the modeling code (this flat folder) and a complete ``auto_map``, so
         the folder loads with ``trust_remote_code=True`` where hf_attn_variants is not installed. Written to a
         temporary folder first and moved into place (see atomic_io.atomic_save_dir): never half-written."""
-        self.config.auto_map = family_auto_map(self.family)
+        self.config.auto_map = family_auto_map(FAMILIES[self.family])
         with atomic_save_dir(save_directory) as tmp:
             return super().save_pretrained(tmp, *args, **kwargs)
 
     def variant_states(self) -> dict[str, VariantState]:
         """Qualified name -> variant state module, for every attention layer."""
         return {name: m for name, m in self.named_modules() if isinstance(m, VariantState)}
-
-
-def sums_loss_over_items(class_name: str) -> bool:
-    """Whether a head's loss is a sum over the batch's items divided by ``num_items_in_batch`` (transformers' causal
-    LM loss). Trainer multiplies the loss by the process count for models that "accept loss kwargs", expecting
-    exactly that; the other heads return a local mean, so they declare ``accepts_loss_kwargs = False`` and their
-    loss and gradient do not depend on the number of processes."""
-    return class_name.endswith(("ForCausalLM", "LMHeadModel"))
-
-
-def _make_variant_class(family: str, base_name: str) -> type:
-    base = getattr(transformers, base_name)
-    name = "AttnVariant" + base_name
-    cls = type(
-        name,
-        (AttentionVariantMixin, base),
-        {
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"{base_name} running the attention variant named in its config (attention_type).",
-            "config_class": VARIANT_CONFIGS[family],
-            "family": family,
-            "_auto_class": auto_class_name(base_name) or "AutoModel",  # makes save_pretrained copy this code
-            **({} if sums_loss_over_items(base_name) else {"accepts_loss_kwargs": False}),
-        },
-    )
-    setattr(sys.modules[__name__], name, cls)
-    return cls
-
-
-VARIANT_MODELS: dict[str, dict[str, type]] = {
-    family: {base_name: _make_variant_class(family, base_name) for base_name in names}
-    for family, names in HEAD_CLASSES.items()
-}
-"""Family -> transformers class name -> its variant subclass (also importable from this module by name)."""
-
-__all__ = [cls.__name__ for classes in VARIANT_MODELS.values() for cls in classes.values()]

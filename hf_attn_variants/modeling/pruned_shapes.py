@@ -11,16 +11,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .attention_common import STATE_ATTRIBUTE, unwrap_trainable_copy
+from .families import FAMILIES, get_path
 
 
 def layers(model: nn.Module, family: str) -> list[nn.Module]:
     """The transformer blocks of ``model`` in order."""
-    base = model.base_model
-    if family in ("bert", "roberta"):
-        return list(base.encoder.layer)
-    if family == "gpt2":
-        return list(base.h)
-    return list(base.layers)
+    return FAMILIES[family].blocks_of(model)
 
 
 def _slice(module: nn.Module, keep: torch.Tensor, output: bool) -> None:
@@ -50,35 +46,30 @@ def head_dim_of(config) -> int:
 
 
 def prune_layer_heads(layer: nn.Module, family: str, keep_heads: list[int], config) -> None:
-    """Keep only query heads ``keep_heads`` (ascending) of one block. Llama-style GQA must keep whole groups."""
+    """Keep only query heads ``keep_heads`` (ascending) of one block. Grouped-query attention must keep whole
+    key/value groups."""
+    table = FAMILIES[family]
     d = head_dim_of(config)
     heads = torch.tensor(keep_heads, dtype=torch.long)
     columns = (heads[:, None] * d + torch.arange(d)).flatten()
-    if family in ("bert", "roberta"):
-        attention = layer.attention.self
-        for projection in (attention.query, attention.key, attention.value):
-            _slice(projection, columns, output=True)
-        _slice(layer.attention.output.dense, columns, output=False)
-        attention.num_attention_heads = len(keep_heads)
-        attention.all_head_size = len(keep_heads) * d
-    elif family == "gpt2":
-        attention = layer.attn
+    attention = get_path(layer, table.attention)
+    groups = getattr(attention, "num_key_value_groups", 1)
+    kv_heads = sorted({h // groups for h in keep_heads})
+    if sorted(keep_heads) != [g * groups + i for g in kv_heads for i in range(groups)]:
+        raise ValueError(f"{family} shares each key/value head among {groups} query heads: prune whole groups.")
+    kv_columns = (torch.tensor(kv_heads)[:, None] * d + torch.arange(d)).flatten()
+    if len(table.projections) == 1:  # one fused [q | k | v] projection (GPT-2's c_attn)
         width = attention.split_size
-        _slice(attention.c_attn, torch.cat([columns, width + columns, 2 * width + columns]), output=True)
-        _slice(attention.c_proj, columns, output=False)
-        attention.split_size = attention.embed_dim = len(keep_heads) * d
-        attention.num_heads = len(keep_heads)
+        _slice(get_path(attention, table.projections[0]), torch.cat([columns, width + columns, 2 * width + columns]),
+               output=True)
     else:
-        attention = layer.self_attn
-        groups = attention.num_key_value_groups
-        kv_heads = sorted({h // groups for h in keep_heads})
-        if sorted(keep_heads) != [g * groups + i for g in kv_heads for i in range(groups)]:
-            raise ValueError(f"{family} shares each key/value head among {groups} query heads: prune whole groups.")
-        kv_columns = (torch.tensor(kv_heads)[:, None] * d + torch.arange(d)).flatten()
-        _slice(attention.q_proj, columns, output=True)
-        _slice(attention.k_proj, kv_columns, output=True)
-        _slice(attention.v_proj, kv_columns, output=True)
-        _slice(attention.o_proj, columns, output=False)
+        query, key, value = (get_path(attention, name) for name in table.projections)
+        _slice(query, columns, output=True)
+        _slice(key, kv_columns, output=True)
+        _slice(value, kv_columns, output=True)
+    _slice(get_path(layer, table.attention_output), columns, output=False)
+    for name, unit in table.head_attributes:
+        setattr(attention, name, len(keep_heads) if unit == "heads" else len(keep_heads) * d)
     state = unwrap_trainable_copy(getattr(attention, STATE_ATTRIBUTE, None))
     if state is not None:
         state.prune_heads(keep_heads)
@@ -86,17 +77,11 @@ def prune_layer_heads(layer: nn.Module, family: str, keep_heads: list[int], conf
 
 def prune_layer_ffn(layer: nn.Module, family: str, keep: list[int]) -> None:
     """Keep only the FFN neurons ``keep`` (ascending) of one block."""
+    table = FAMILIES[family]
     neurons = torch.tensor(keep, dtype=torch.long)
-    if family in ("bert", "roberta"):
-        _slice(layer.intermediate.dense, neurons, output=True)
-        _slice(layer.output.dense, neurons, output=False)
-    elif family == "gpt2":
-        _slice(layer.mlp.c_fc, neurons, output=True)
-        _slice(layer.mlp.c_proj, neurons, output=False)
-    else:
-        _slice(layer.mlp.gate_proj, neurons, output=True)
-        _slice(layer.mlp.up_proj, neurons, output=True)
-        _slice(layer.mlp.down_proj, neurons, output=False)
+    for name in table.ffn_inputs:
+        _slice(get_path(layer, name), neurons, output=True)
+    _slice(get_path(layer, table.ffn_output), neurons, output=False)
 
 
 def apply_config_shapes(model: nn.Module, family: str) -> None:

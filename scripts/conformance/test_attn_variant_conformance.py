@@ -10,7 +10,6 @@ bucket window, Performer with several causal chunks, Linformer with k below the 
 from __future__ import annotations
 
 import os
-import re
 import unittest
 
 import torch
@@ -19,7 +18,7 @@ from transformers.testing_utils import torch_device
 
 import hf_attn_variants  # noqa: F401  (registers the variants)
 from hf_attn_variants.modeling import VARIANT_CONFIGS, VARIANT_MODELS
-from hf_attn_variants.modeling.modeling_attn_variants import auto_class_name
+from hf_attn_variants.modeling.families import AUTO_MAPPINGS, FAMILIES
 
 from .test_configuration_common import ConfigTester
 from .test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
@@ -95,21 +94,12 @@ class VariantConformanceBase(ModelTesterMixin):
 def register_class_names() -> None:
     """The mixins pick labels and skips by class name through transformers' ``MODEL_FOR_*_MAPPING_NAMES``; list
     each variant class there under its config's model_type, as a model inside transformers would be."""
+    mapping_of = dict(AUTO_MAPPINGS)
     for family, classes in VARIANT_MODELS.items():
         model_type = VARIANT_CONFIGS[family].model_type
-        for base_name, cls in classes.items():
-            auto = auto_class_name(base_name)
-            if auto is None:
-                continue
-            mapping_name = "MODEL_MAPPING_NAMES" if auto == "AutoModel" else auto_mapping_name(auto)
-            getattr(modeling_auto, mapping_name).setdefault(model_type, cls.__name__)
-
-
-def auto_mapping_name(auto: str) -> str:
-    """'AutoModelForSequenceClassification' -> 'MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES'."""
-    words = re.findall(r"[A-Z][a-z]+|LM", auto.removeprefix("AutoModel"))
-    name = "MODEL_" + "_".join(w.upper() for w in words) + "_MAPPING_NAMES"
-    return name.replace("PRE_TRAINING", "PRETRAINING")
+        for base_name, auto_names in FAMILIES[family].head_classes.items():
+            for auto in auto_names:
+                getattr(modeling_auto, mapping_of[auto]).setdefault(model_type, classes[base_name].__name__)
 
 
 register_class_names()
