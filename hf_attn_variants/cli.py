@@ -127,7 +127,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .benchmark import main as bench_main
+    from .bench.cli import main as bench_main
 
     return bench_main(args.extra)
 

@@ -17,12 +17,14 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 from transformers import logging as hf_logging
 
-from .benchmark_layer import attention_layer, time_forward_backward
+from .bench.methods import attention_layer
+from .bench.timing import time_forward_backward
 from .conversion import convert
-from .evaluation import embedding_cosine, mean_pooled_embeddings
+from .evaluation import mean_pooled_embeddings, pooled_cosine
+from .modeling import VARIANTS
 from .texts import SOURCE, long_passages, real_sentences
 
-DEMO_VARIANTS = ("full", "linformer", "performer", "bigbird", "lsh")
+DEMO_VARIANTS = tuple(VARIANTS)  # every variant in the registry
 FIDELITY_ROWS = (
     *((name, name, {}) for name in DEMO_VARIANTS),
     # With 64-token blocks BigBird covers all of MiniLM's 512 positions (exact); 32-token blocks make it sparse.
@@ -55,7 +57,7 @@ def fidelity_table(sentences: int = 300, passages: int = 24) -> list[dict]:
         model = convert(path, attention=variant, **settings).eval()  # in memory; the CLI/API save with a card
         row = {"variant": label}
         for name, t in texts.items():
-            cosine = embedding_cosine(reference[name], mean_pooled_embeddings(model, tokenizer, t))
+            cosine = pooled_cosine(reference[name], model, tokenizer, t)
             row[f"{name}_mean"], row[f"{name}_min"] = cosine.mean().item(), cosine.min().item()
         row["seconds"] = time.perf_counter() - start
         rows.append(row)

@@ -24,9 +24,9 @@ ATTENTION_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The self-attention modules of a (possibly PEFT- or DDP-wrapped) model, in layer order."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP
-        inner = inner.module
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)  # DDP and friends
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     family = family_of(base.config)
     return [m for m in base.modules() if family.is_variant_attention(m)]
@@ -150,7 +150,7 @@ def run_distill(recipe) -> dict[str, float]:
 
     from transformers import AutoTokenizer, TrainingArguments
 
-    from .evaluation import embedding_cosine, mean_pooled_embeddings
+    from .evaluation import pooled_cosine
     from .finetune import AUTO_CLASS, load_text_datasets, prepare_model_folder, save_result, tokenize
 
     options = dict(recipe.distill or {})
@@ -169,10 +169,7 @@ def run_distill(recipe) -> dict[str, float]:
     texts = data["validation" if "validation" in data else "train"][recipe.data.text_column]
 
     def fidelity(model, max_length: int = recipe.data.max_length) -> float:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        reference = mean_pooled_embeddings(teacher, tokenizer, texts, max_length=max_length)
-        candidate = mean_pooled_embeddings(base.eval(), tokenizer, texts, max_length=max_length)
-        return embedding_cosine(reference, candidate).mean().item()
+        return pooled_cosine(teacher, model.eval(), tokenizer, texts, max_length=max_length).mean().item()
 
     # Short inputs (the validation texts cut to SHORT_TOKENS) are where most variants are exact: watch them too.
     metrics = {"cosine_before": fidelity(student), "cosine_short_before": fidelity(student, SHORT_TOKENS)}

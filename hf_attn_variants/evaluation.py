@@ -34,6 +34,23 @@ def embedding_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> torch.
     return torch.nn.functional.cosine_similarity(reference.float(), candidate.float(), dim=-1)
 
 
+def pooled_cosine(
+    reference: PreTrainedModel | torch.Tensor,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    max_length: int = 512,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Per-text cosine [len(texts)] of ``model``'s mean-pooled embeddings to the reference's: a model (the source),
+    or its embeddings [len(texts), hidden] when measured already (to compare many models with one reference).
+    A PEFT-wrapped model is measured through its base model."""
+    if not isinstance(reference, torch.Tensor):
+        reference = mean_pooled_embeddings(reference, tokenizer, texts, max_length, batch_size)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return embedding_cosine(reference, mean_pooled_embeddings(model, tokenizer, texts, max_length, batch_size))
+
+
 def retrieval_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """Share of texts whose nearest other text (cosine of embeddings [N, H]) is the same under both embeddings:
     does the converted model retrieve what the original retrieves?"""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -40,26 +39,23 @@ def prepare_model_folder(recipe: Recipe) -> str:
     into output_dir/converted) when the recipe names an attention variant."""
     if recipe.attention is None:
         return recipe.model
+    from accelerate import PartialState
+
     from .conversion import convert
 
-    folder = Path(recipe.output_dir) / "converted"
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0 and not (folder / "config.json").exists():
-        convert(recipe.model, attention=recipe.attention, output_dir=folder, seed=recipe.seed,
-                max_position_embeddings=recipe.max_position_embeddings, **recipe.settings)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _wait_for(folder / "config.json")
+    folder = Path(model_folder(recipe))
+    # The others wait at a barrier, then find the folder written. cpu as Trainer's use_cpu below: without it a
+    # CPU-only torchrun job looks like one process to accelerate.
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+        if not (folder / "config.json").exists():
+            convert(recipe.model, attention=recipe.attention, output_dir=folder, seed=recipe.seed,
+                    max_position_embeddings=recipe.max_position_embeddings, **recipe.settings)
     return str(folder)
 
 
-def _wait_for(path: Path, seconds: float = 600) -> None:
-    import time
-
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear; did the main process fail?")
-        time.sleep(0.5)
+def model_folder(recipe: Recipe) -> str:
+    """Where the recipe's model is read from (its conversion's folder when it names a variant); no side effects."""
+    return recipe.model if recipe.attention is None else str(Path(recipe.output_dir) / "converted")
 
 
 def load_text_datasets(recipe: Recipe):
@@ -75,8 +71,8 @@ def load_text_datasets(recipe: Recipe):
             raise ValueError("the recipe's data needs train (and optionally validation) files or a hub_name.")
         for path in files.values():
             if not Path(path).exists():
-                hint = (" Prepare the Wikipedia data first: python scripts/prepare_data.py"
-                        if "data/wiki" in str(path) else "")
+                hint = (" Prepare the data first: python scripts/prepare_data.py"
+                        if any(part in str(path) for part in ("data/wiki", "data/newsgroups")) else "")
                 raise FileNotFoundError(f"data file {path} does not exist.{hint}")
         suffix = Path(next(iter(files.values()))).suffix.lstrip(".")
         builder = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}.get(suffix)
@@ -189,7 +185,7 @@ def save_result(recipe: Recipe, trainer: Trainer, metrics: dict[str, float], his
     if trainer.is_world_process_zero():
         model.save_pretrained(final)
         trainer.processing_class.save_pretrained(final)
-        source_facts = read_facts(prepare_model_folder(recipe))
+        source_facts = read_facts(model_folder(recipe))
         results = [
             {"task_type": recipe.task, "task_name": recipe.task, "dataset_type": "local",
              "dataset_name": recipe.data.hub_name or Path(recipe.data.validation or recipe.data.train or "").name,

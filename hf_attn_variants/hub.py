@@ -21,28 +21,6 @@ from .modeling.families import family_of
 
 FACTS_FILE = "hf_attn_variants_card.json"
 CARD_FILE = "README.md"
-SUMMARIES = {
-    "full": "exact softmax attention through SDPA",
-    "linformer": "keys and values projected along the sequence to a fixed length k; linear in length",
-    "performer": "FAVOR+ positive orthogonal random features for the softmax kernel; linear in length",
-    "bigbird": "block-sparse: sliding window, global and random blocks; linear in length",
-    "lsh": "angular locality-sensitive hashing of queries and keys (Reformer-style); linear in length",
-}
-NEW_STATE = {
-    "linformer": "`attn_variant.proj_k`, `attn_variant.proj_v`: learned sequence projections",
-    "performer": "`attn_variant.features`: the random feature matrix",
-    "bigbird": "`attn_variant.random_table`: the draws choosing random blocks",
-    "lsh": "`attn_variant.rotations`: the hashing rotations",
-}
-LIMITATIONS = {
-    "full": "Exact attention: quadratic memory in length, as the source.",
-    "linformer": "Not causal; inputs are limited to the projection's max length.",
-    "performer": "Random-feature error grows with the size of the attention logits.",
-    "bigbird": "Exact only for inputs the block pattern covers; random blocks are shared by a layer's heads.",
-    "lsh": "Keys in other buckets and outside the positional window are not seen.",
-}
-
-
 def read_facts(folder: str | os.PathLike) -> dict[str, Any]:
     """The card facts saved in ``folder`` (empty if none)."""
     path = Path(folder) / FACTS_FILE
@@ -117,8 +95,8 @@ def render_model_card(folder: str | os.PathLike, config: Any, architecture: str,
         repo_id=repo_id,
         base_model=facts.get("base_model"),
         variant=variant,
-        variant_summary=SUMMARIES[variant],
-        new_state=NEW_STATE.get(variant),
+        variant_summary=get_variant(variant).summary,
+        new_state=get_variant(variant).new_state,
         family=family,
         model_type=config.model_type,
         architecture=architecture,
@@ -130,7 +108,7 @@ def render_model_card(folder: str | os.PathLike, config: Any, architecture: str,
         auto_class=(family_entry.head_classes.get(architecture.removeprefix("AttnVariant")) or ("AutoModel",))[0],
         results=eval_results,
         history=facts.get("history", []),
-        limitations=LIMITATIONS[variant],
+        limitations=get_variant(variant).limitations,
         license=facts.get("license"),
     )
 

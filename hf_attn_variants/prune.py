@@ -5,7 +5,6 @@ pruning. The pruned shapes are stored in the config, so the Auto classes rebuild
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -151,17 +150,17 @@ def prune_model(
 
 def magnitude_prune(model: PreTrainedModel, fraction: float) -> int:
     """Zero the ``fraction`` smallest-magnitude weights of every Linear/Conv1D matrix (per matrix, with
-    ``torch.nn.utils.prune``; embeddings and an output layer tied to them are left alone); returns the number of
-    weights zeroed. Unstructured: the model does not get smaller on disk or faster."""
+    ``torch.nn.utils.prune``; the embeddings and the output (vocabulary) layer, often tied to them, are left alone);
+    returns the number of weights zeroed. Unstructured: the model does not get smaller on disk or faster."""
     from torch.nn.utils import prune
     from transformers.pytorch_utils import Conv1D
 
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"magnitude fraction={fraction} must be in [0, 1).")
-    tied = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    skipped = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     zeroed = 0
     for module in model.modules():
-        if not isinstance(module, torch.nn.Linear | Conv1D) or id(module.weight) in tied:
+        if not isinstance(module, torch.nn.Linear | Conv1D) or id(module.weight) in skipped:
             continue
         prune.l1_unstructured(module, "weight", amount=fraction)
         zeroed += int((module.weight_mask == 0).sum())
@@ -184,18 +183,21 @@ def text_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_siz
 
 def measure(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], folder: str | None = None
             ) -> dict[str, Any]:
-    """Parameters, size on disk (of ``folder``'s safetensors) and median forward seconds over the batches."""
-    times = []
-    with torch.no_grad():
-        model.eval()
-        for batch in batches[:1] + batches:  # the first is a warm-up
-            start = time.perf_counter()
-            model(**{k: v for k, v in batch.items() if k != "labels"})
-            times.append(time.perf_counter() - start)
+    """Parameters, size on disk (of ``folder``'s safetensors) and mean forward seconds per batch."""
+    import itertools
+
+    from .bench.timing import mean_seconds
+
+    inputs = itertools.cycle([{k: v for k, v in batch.items() if k != "labels"} for batch in batches])
+
+    @torch.no_grad()
+    def forward():  # the next batch
+        model(**next(inputs))
+
+    model.eval()
+    seconds = mean_seconds(forward, number=len(batches))
     size = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) if folder else None
-    times = sorted(times[1:])
-    return {"parameters": sum(p.numel() for p in model.parameters()), "disk_bytes": size,
-            "forward_seconds": times[len(times) // 2]}
+    return {"parameters": sum(p.numel() for p in model.parameters()), "disk_bytes": size, "forward_seconds": seconds}
 
 
 def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fraction: float = 0.25,
@@ -206,7 +208,7 @@ def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fra
     from transformers import AutoConfig, AutoTokenizer
 
     from . import modeling
-    from .evaluation import embedding_cosine, mean_pooled_embeddings
+    from .evaluation import pooled_cosine
     from .hub import read_facts, write_model_card
     from .modeling.atomic_io import atomic_output_dir, check_output_dir
     from .texts import real_sentences
@@ -234,10 +236,7 @@ def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fra
         report["magnitude_zeroed"] = magnitude_prune(model, magnitude)
     report["removed_heads"] = removed
     if architecture.endswith("Model") and not architecture.endswith("LMHeadModel"):  # an encoder: embeddings
-        eval_texts = real_sentences(64)
-        reference = mean_pooled_embeddings(original, tokenizer, eval_texts)
-        pruned = mean_pooled_embeddings(model, tokenizer, eval_texts)
-        report["cosine_to_unpruned"] = embedding_cosine(reference, pruned).mean().item()
+        report["cosine_to_unpruned"] = pooled_cosine(original, model, tokenizer, real_sentences(64)).mean().item()
     facts = read_facts(source)
     parameters = sum(p.numel() for p in model.parameters())
     history = f"pruned {sum(len(v) for v in removed.values())} attention heads and {ffn_fraction:.0%} of FFN " \

@@ -1,8 +1,8 @@
-"""Thin entry point: `python scripts/benchmark.py [--quick] ...` (see hf_attn_variants/benchmark.py)."""
+"""Thin entry point: `python scripts/benchmark.py [--quick] ...` (see hf_attn_variants/bench/)."""
 
 import sys
 
-from hf_attn_variants.benchmark import main
+from hf_attn_variants.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

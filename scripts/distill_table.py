@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from hf_attn_variants import convert
 from hf_attn_variants.distill import run_distill
-from hf_attn_variants.evaluation import embedding_cosine, mean_pooled_embeddings
+from hf_attn_variants.evaluation import pooled_cosine
 from hf_attn_variants.recipes import load_recipe
 from hf_attn_variants.texts import SOURCE, real_sentences
 
@@ -20,8 +20,7 @@ RESULTS = Path("docs/distillation.json")
 
 
 def sentence_cosine(model, original, tokenizer, sentences):
-    reference = mean_pooled_embeddings(original, tokenizer, sentences)
-    return embedding_cosine(reference, mean_pooled_embeddings(model, tokenizer, sentences)).mean().item()
+    return pooled_cosine(original, model, tokenizer, sentences).mean().item()
 
 
 def main(variants):

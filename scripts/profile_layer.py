@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.profiler import profile
 
-from hf_attn_variants.benchmark import HIDDEN, build
+from hf_attn_variants.bench.methods import HIDDEN, build
 
 
 def main() -> None:

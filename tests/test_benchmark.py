@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hf_attn_variants.benchmark import flops
+from hf_attn_variants.bench.methods import flops
 from hf_attn_variants.cli import main as cli_main
 
 
@@ -27,7 +27,8 @@ def test_flop_model_is_linear_for_variants_and_quadratic_for_sdpa():
 
 
 def test_summary_reports_ratios_slope_and_crossover_against_the_targets():
-    from hf_attn_variants.benchmark import LENGTHS, summary
+    from hf_attn_variants.bench.methods import LENGTHS
+    from hf_attn_variants.bench.report import summary
 
     rows = []
     for length in LENGTHS:
@@ -48,7 +49,7 @@ def test_summary_reports_ratios_slope_and_crossover_against_the_targets():
 def test_decode_benchmark_measures_every_method_and_the_performer_cache_stays_flat(tmp_path):
     import json
 
-    from hf_attn_variants.bench_decode import main as decode_main
+    from hf_attn_variants.bench.decode import main as decode_main
 
     assert decode_main(["--contexts", "64", "192", "--tokens", "2", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "decode.json").read_text())

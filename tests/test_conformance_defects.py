@@ -177,3 +177,46 @@ def test_is_causal_keyword_overrides_the_module_flag(variant):
     finally:
         module.is_causal = True
     torch.testing.assert_close(forced, bidirectional)
+
+
+@pytest.mark.parametrize("variant", ["performer", "bigbird", "lsh"])
+def test_a_stock_models_default_state_is_registered_moves_with_the_model_and_is_not_saved(tmp_path, variant):
+    """attn_implementation=<variant> on a stock checkpoint: the state it builds is a submodule (so .to() and
+    dtype moves find it) whose buffers stay out of the state dict (saving the stock model is unchanged)."""
+    from transformers import AutoModel
+
+    from hf_attn_variants.modeling.attention_common import DEFAULT_STATE_ATTRIBUTE
+
+    tiny_model("bert", max_positions=640).base_model.save_pretrained(tmp_path)
+    model = AutoModel.from_pretrained(tmp_path, attn_implementation=variant).eval()
+    ids = torch.randint(5, 90, (1, 600))  # long enough for every variant's approximate path
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state.double()
+    states = [m for name, m in model.named_modules() if name.endswith(DEFAULT_STATE_ATTRIBUTE)]
+    assert len(states) == model.config.num_hidden_layers
+    assert not any("attn_variant" in key for key in model.state_dict())
+    model.to(torch.float64)
+    assert all(t.dtype == torch.float64 for s in states for t in s.buffers() if t.is_floating_point())
+    with torch.no_grad():
+        moved = model(input_ids=ids).last_hidden_state
+    assert moved.dtype == torch.float64 and (moved - expected).abs().max() < 1e-4
+
+
+def test_padding_mask_says_once_whether_there_is_padding_so_layers_need_not_look():
+    from hf_attn_variants.modeling.attention_common import HAS_PADDING_ATTRIBUTE, key_padding_mask, padding_mask
+
+    key = torch.zeros(2, 1, 6, 4)
+    no_padding = torch.ones(2, 6, dtype=torch.long)
+    assert padding_mask(2, 6, 6, attention_mask=no_padding) is None
+    padded = no_padding.clone()
+    padded[0, :2] = 0
+    mask = padding_mask(2, 6, 6, attention_mask=padded)
+    assert getattr(mask, HAS_PADDING_ATTRIBUTE) is True and torch.equal(key_padding_mask(mask, key), padded.bool())
+    static = padding_mask(2, 2, 8, q_offset=4, attention_mask=None)  # a static cache: 6 of 8 slots filled
+    assert static.shape == (2, 6) and getattr(static, HAS_PADDING_ATTRIBUTE) is False
+    assert key_padding_mask(static, key) is None
+    # A tag is believed without a look at the values (no host sync); untagged masks are looked at.
+    fake = torch.zeros(2, 6, dtype=torch.bool)
+    setattr(fake, HAS_PADDING_ATTRIBUTE, False)
+    assert key_padding_mask(fake, key) is None
+    assert key_padding_mask(torch.ones(2, 6, dtype=torch.bool), key) is None

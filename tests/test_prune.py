@@ -80,11 +80,25 @@ def test_every_layer_keeps_at_least_one_head():
     assert min(model.config.heads_per_layer) >= 1
 
 
-def test_magnitude_pruning_zeroes_the_smallest_weights():
-    model = hv.convert(tiny_model("bert"), attention="performer")
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_magnitude_pruning_zeroes_the_smallest_weights(family):
+    """Half of each projection's weights, exactly the smallest in magnitude; embeddings (and an output layer tied
+    to them) and the output layer are left alone."""
+    model = hv.convert(tiny_model(family), attention="full")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     zeroed = magnitude_prune(model, 0.5)
-    weight = model.bert.encoder.layer[0].attention.self.query.weight
-    assert zeroed > 0 and abs((weight == 0).float().mean().item() - 0.5) < 0.01
+    pruned = 0
+    for name, param in model.named_parameters():
+        original, now = before[name], param.detach()
+        if "emb" in name or name.endswith(("wte.weight", "wpe.weight", "lm_head.weight")) or param.dim() != 2:
+            assert torch.equal(now, original), f"{name} should be untouched"
+            continue
+        gone = now == 0
+        assert abs(gone.float().mean().item() - 0.5) < 0.01, name
+        assert original[gone].abs().max() <= original[~gone].abs().min(), f"{name}: a larger weight was zeroed"
+        assert torch.equal(now[~gone], original[~gone])
+        pruned += int(gone.sum())
+    assert zeroed == pruned > 0
 
 
 def test_bad_fractions_are_refused():

@@ -102,12 +102,9 @@ def test_bigbird_with_window_covering_the_sequence_is_exact(causal, length):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("query_length", [23, 5])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_bigbird_hand_written_backward_passes_gradcheck(causal, query_length, dropout, monkeypatch):
+def test_bigbird_hand_written_backward_passes_gradcheck(causal, query_length, dropout):
     """Several groups of query blocks, cached keys before the queries, padding, and attention dropout (the same
     seed in every call, so the backward must regenerate the forward's masks)."""
-    from hf_attn_variants.modeling import gathered_attention as module
-
-    monkeypatch.setattr(module, "GROUP_ELEMENTS", 3000)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, 1, query_length, 2, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(B, 1, 23, 2, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
@@ -116,20 +113,16 @@ def test_bigbird_hand_written_backward_passes_gradcheck(causal, query_length, dr
 
     def core(q, k, v):
         torch.manual_seed(0)
-        return block_sparse_attention(q, k, v, mask, causal, SCALE, sparse_bigbird(block=4), table, dropout)
+        return block_sparse_attention(q, k, v, mask, causal, SCALE, sparse_bigbird(block=4), table, dropout,
+                                      group_elements=3000)  # several groups of query blocks
 
     assert torch.autograd.gradcheck(core, (q, k, v), )
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_lsh_hand_written_backward_passes_gradcheck(causal, dropout, monkeypatch):
+def test_lsh_hand_written_backward_passes_gradcheck(causal, dropout):
     """Gradients through both windows, the per-query fallback and the log-sum-exp weights of the rounds."""
-    from hf_attn_variants.modeling import gathered_attention as module
-    from hf_attn_variants.modeling import lsh_attention as lsh_module
-
-    monkeypatch.setattr(module, "GROUP_ELEMENTS", 100)
-    monkeypatch.setattr(lsh_module, "BUCKET_BLOCK_DIVISOR", 1)  # with these inputs, 2 queries take the fallback
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(B, 1, 18, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     settings = LSHSettings(bucket_size=4, num_hashes=2, num_buckets=4)
@@ -137,7 +130,9 @@ def test_lsh_hand_written_backward_passes_gradcheck(causal, dropout, monkeypatch
 
     def core(q, k, v):
         torch.manual_seed(0)
-        return lsh_attention(q, k, v, rotations, right_padding(18, pad=5), causal, SCALE, settings, dropout)
+        # Several groups; blocks of bucket_size queries: with these inputs, 2 queries take the fallback.
+        return lsh_attention(q, k, v, rotations, right_padding(18, pad=5), causal, SCALE, settings, dropout,
+                             group_elements=100, bucket_block_divisor=1)
 
     assert torch.autograd.gradcheck(core, (q, k, v))
 
@@ -214,14 +209,11 @@ PERFORMER_CASES = [(causal, kernel, lq) for causal in (False, True) for kernel i
 
 @pytest.mark.parametrize("causal,kernel,query_length", PERFORMER_CASES)
 def test_performer_core_equals_dense_kernel_attention_and_its_gradients_are_exact(
-    causal, kernel, query_length, monkeypatch
+    causal, kernel, query_length
 ):
     """Forward equals the quadratic form of the same kernel (1e-10 in float64); the hand-written backward passes
     gradcheck. Several chunks, several non-causal blocks, cached keys before the queries and padding on both ends.
     The learned kernel has one projection per head and its gradient is checked too."""
-    from hf_attn_variants.modeling import performer_attention as module
-
-    monkeypatch.setattr(module, "NONCAUSAL_BLOCK", 3)
     g = torch.Generator().manual_seed(5)
     q = torch.randn(B, H, query_length, 4, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(B, H, 11, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
@@ -232,7 +224,7 @@ def test_performer_core_equals_dense_kernel_attention_and_its_gradients_are_exac
     mask[0, :2], mask[1, -3:] = False, False
 
     def core(q, k, v, features=features):
-        return performer_attention(q, k, v, features, mask, causal, SCALE, kernel, 3)
+        return performer_attention(q, k, v, features, mask, causal, SCALE, kernel, 3, block_rows=3)
 
     expected = dense_kernel_attention(q, k, v, features, mask, causal, kernel)
     rows_with_keys = torch.isfinite(expected).all(-1)  # left padding leaves the first causal rows without keys
@@ -392,17 +384,14 @@ def lsh_reference(q, k, v, rotations, key_mask, causal, settings):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("divisor", [1, 2])  # queries per bucket block: bucket_size, bucket_size / 2
-def test_lsh_blocked_computation_matches_its_definition(seed, causal, divisor, monkeypatch):
+def test_lsh_blocked_computation_matches_its_definition(seed, causal, divisor):
     """The block/span computation (with its per-query fallback: 184 and 18 queries over these 8 cases) against the
     dense definition, padding included."""
-    from hf_attn_variants.modeling import lsh_attention as module
-
-    monkeypatch.setattr(module, "BUCKET_BLOCK_DIVISOR", divisor)
     q, k, v = qkv(seed=seed)
     mask = right_padding(pad=9)
     settings = LSHSettings(bucket_size=6, num_hashes=2, num_buckets=4)
     rotations = torch.randn(2, D, 2, generator=torch.Generator().manual_seed(seed))
-    out = lsh_attention(q, k, v, rotations, mask, causal, SCALE, settings)
+    out = lsh_attention(q, k, v, rotations, mask, causal, SCALE, settings, bucket_block_divisor=divisor)
     expected = lsh_reference(q, k, v, rotations, mask, causal, settings)
     torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1, :, : N - 9], expected[1, :, : N - 9], atol=1e-5, rtol=1e-5)

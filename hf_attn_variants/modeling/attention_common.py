@@ -50,6 +50,11 @@ class SettingsBase:
                     f"{self.variant} setting {field.name}={value!r} is not one of {list(choices)}."
                 )
 
+    def keys_attended(self, length: int, causal: bool) -> float:
+        """The FLOP model: how many key rows each query's attention costs at ``length`` tokens (the width that
+        scales the attention core's 4 N keys D FLOPs; the benchmark's floor)."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-serialisable dict (what the config stores)."""
         return dataclasses.asdict(self)
@@ -86,7 +91,10 @@ def key_padding_mask(attention_mask: torch.Tensor | None, key: torch.Tensor) -> 
     mask = attention_mask[:, -key.shape[2] :]
     if mask.dtype != torch.bool:
         mask = mask > 0
-    if bool(mask.all()):
+    # padding_mask says once per forward whether there is padding; only masks from elsewhere need a look (a host
+    # sync) to find out.
+    has_padding = getattr(attention_mask, HAS_PADDING_ATTRIBUTE, None)
+    if has_padding is False or (has_padding is None and bool(mask.all())):
         return None
     return mask
 
@@ -112,9 +120,22 @@ def padding_mask(
     filled = int(q_offset) + q_length  # a tensor for static caches: one host read per forward, not per layer
     if filled < kv_length:
         if attention_mask is None:
-            return torch.ones(batch_size, filled, dtype=torch.bool, device=device)
-        return attention_mask[:, -filled:].bool()
-    return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask)
+            return _tagged(torch.ones(batch_size, filled, dtype=torch.bool, device=device), False)
+        mask = attention_mask[:, -filled:].bool()
+        return _tagged(mask, not bool(mask.all()))  # one host read per forward
+    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask)
+    if mask is not None and mask.shape[1] == kv_length:  # transformers returned it because something is padding
+        _tagged(mask, True)
+    return mask
+
+
+HAS_PADDING_ATTRIBUTE = "hf_attn_variants_has_padding"
+"""Set by ``padding_mask`` on the mask it returns, so the layers need not look at the mask to know."""
+
+
+def _tagged(mask: torch.Tensor, has_padding: bool) -> torch.Tensor:
+    setattr(mask, HAS_PADDING_ATTRIBUTE, has_padding)
+    return mask
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -158,7 +179,9 @@ def exact_attention(
 STATE_ATTRIBUTE = "attn_variant"
 """Name of the submodule holding a variant's parameters/buffers on each attention module (PEFT's modules_to_save)."""
 
-_DEFAULT_STATE_ATTRIBUTE = "_hf_attn_variants_default_state"
+DEFAULT_STATE_ATTRIBUTE = "attn_variant_default"
+"""Submodule name of the state a stock model builds for ``attn_implementation=NAME``: registered (so ``.to()``,
+``.half()`` and device moves find it) but not persistent (saving the stock model is unchanged)."""
 
 
 class VariantState(torch.nn.Module):
@@ -226,7 +249,7 @@ def state_for_module(module: torch.nn.Module, state_class: type[VariantState], l
                 f"with hf_attn_variants.convert(model, attention='{state_class.settings_class.variant}')."
             )
         return state
-    state = module.__dict__.get(_DEFAULT_STATE_ATTRIBUTE)
+    state = getattr(module, DEFAULT_STATE_ATTRIBUTE, None)
     if not isinstance(state, state_class):
         config = module.config
         heads, head_dim = attention_shape(config)
@@ -235,9 +258,10 @@ def state_for_module(module: torch.nn.Module, state_class: type[VariantState], l
         max_positions = getattr(config, "max_position_embeddings", like.shape[2])
         state = state_class.for_stock_model(settings, heads, head_dim, max_positions, seed)
         state.reset_parameters()
-        module.__dict__[_DEFAULT_STATE_ATTRIBUTE] = state
-    if state_buffers_device(state) != like.device:
+        for submodule in state.modules():  # not saved: the stock checkpoint stays as it was
+            submodule._non_persistent_buffers_set.update(submodule._buffers)
         state.to(like.device)
+        module.add_module(DEFAULT_STATE_ATTRIBUTE, state)
     return state
 
 
@@ -251,12 +275,6 @@ def unwrap_trainable_copy(state: torch.nn.Module | None) -> torch.nn.Module | No
     if getattr(state, "disable_adapters", False) or not active:
         return state.original_module
     return copies[active[0]]
-
-
-def state_buffers_device(state: torch.nn.Module) -> torch.device | None:
-    for tensor in state.state_dict().values():
-        return tensor.device
-    return None
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ from .attention_common import (
     per_unpadded_row,
     prepare_call,
 )
-from .gathered_attention import gathered_attention
+from .gathered_attention import GROUP_ELEMENTS, gathered_attention
 
 logger = logging.get_logger(__name__)
 
@@ -45,6 +45,10 @@ class BigBirdSettings(SettingsBase):
         """Key-block count up to which the sparse pattern covers (almost) every block: exact attention is used."""
         window = self.window_blocks + 1 if is_causal else 2 * self.window_blocks + 1
         return window + self.global_blocks + self.random_blocks
+
+    def keys_attended(self, length: int, causal: bool) -> float:
+        """The window, global and random blocks of each query block."""
+        return min(length, self.dense_below(causal) * self.block_size)
 
 
 class BigBirdState(VariantState):
@@ -146,6 +150,7 @@ def block_sparse_attention(
     settings: BigBirdSettings,
     random_table: torch.Tensor,
     dropout: float = 0.0,
+    group_elements: int = GROUP_ELEMENTS,
 ) -> torch.Tensor:
     """Functional core (always sparse). query [B, H, Lq, D] at positions Lk-Lq.., key/value [B, H, Lk, D],
     key_mask [B, Lk] bool or None, random_table [>= number of key blocks, r]. Returns [B, H, Lq, D].
@@ -170,7 +175,7 @@ def block_sparse_attention(
     mask = BlockMask(key_pos, slot_valid, key_mask, lk, query_blocks, b, is_causal)
     dtype = compute_dtype(query.dtype)
     out, _ = gathered_attention(query.to(dtype), key.to(dtype), value.to(dtype), key_pos.clamp_max(lk - 1), mask,
-                                scaling, dropout)
+                                scaling, dropout, group_elements)
     out = out.to(query.dtype).view(bsz, heads, nq * b, dim)
 
     global_rows = settings.global_blocks * b - (first_qb * b)

@@ -22,3 +22,7 @@ class FullSettings(SettingsBase):
     """Exact attention has no settings."""
 
     variant = "full"
+
+    def keys_attended(self, length: int, causal: bool) -> float:
+        """Every key (half of them on average when causal)."""
+        return length / 2 if causal else length

@@ -36,12 +36,12 @@ class GatheredAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, key_index, mask, scaling, dropout):
+    def forward(ctx, query, key, value, key_index, mask, scaling, dropout, group_elements):
         key, value = key.contiguous(), value.contiguous()  # rows are gathered from their flat views
         out = torch.empty_like(query)
         lse = query.new_empty(query.shape[:-1])
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
-        for lo, hi in group_spans(query, key_index.shape[-1]):
+        for lo, hi in group_spans(query, key_index.shape[-1], group_elements):
             index = flat_index(key_index, key, lo, hi)
             keys, values = gather_rows(key, index), gather_rows(value, index)
             scores = masked_scores(query[..., lo:hi, :, :], keys, mask(lo, hi), scaling)
@@ -52,20 +52,20 @@ class GatheredAttention(torch.autograd.Function):
             out[..., lo:hi, :, :] = torch.matmul(probs, values)
             lse[..., lo:hi, :] = group_lse.squeeze(-1)
         ctx.save_for_backward(query, key, value, key_index, out, lse)
-        ctx.settings = (mask, scaling, dropout, seed)
+        ctx.settings = (mask, scaling, dropout, seed, group_elements)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward raises instead of going wrong
     def backward(ctx, grad_out, grad_lse):
         query, key, value, key_index, out, lse = ctx.saved_tensors
-        mask, scaling, dropout, seed = ctx.settings
+        mask, scaling, dropout, seed, group_elements = ctx.settings
         grad_query = torch.empty_like(query)
         grad_key = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
         # d scores = P * (dP - rowsum(dO * O) + d lse)
         delta = (grad_out * out).sum(-1, keepdim=True) - grad_lse.unsqueeze(-1)
-        for lo, hi in group_spans(query, key_index.shape[-1]):
+        for lo, hi in group_spans(query, key_index.shape[-1], group_elements):
             index = flat_index(key_index, key, lo, hi)
             keys, values = gather_rows(key, index), gather_rows(value, index)
             queries, grads = query[..., lo:hi, :, :], grad_out[..., lo:hi, :, :]
@@ -80,7 +80,7 @@ class GatheredAttention(torch.autograd.Function):
             grad_scores = grad_probs.sub_(delta[..., lo:hi, :, :]).mul_(probs).mul_(scaling)
             grad_query[..., lo:hi, :, :] = torch.matmul(grad_scores, keys)
             scatter_add_rows(grad_key, index, torch.matmul(grad_scores.transpose(-1, -2), queries))
-        return grad_query, grad_key, grad_value, None, None, None, None
+        return grad_query, grad_key, grad_value, None, None, None, None, None
 
 
 def gathered_attention(
@@ -91,15 +91,18 @@ def gathered_attention(
     mask: MaskFunction,
     scaling: float,
     dropout: float = 0.0,
+    group_elements: int = GROUP_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GatheredAttention.apply (see there for shapes): (out [*, nb, w, D], lse [*, nb, w])."""
-    return GatheredAttention.apply(query, key, value, key_index, mask, scaling, dropout)
+    """GatheredAttention.apply (see there for shapes): (out [*, nb, w, D], lse [*, nb, w]). group_elements: about
+    how many scores one group of query blocks holds (memory per step; the result does not depend on it)."""
+    return GatheredAttention.apply(query, key, value, key_index, mask, scaling, dropout, group_elements)
 
 
-def group_spans(query: torch.Tensor, keys_per_query: int) -> list[tuple[int, int]]:
-    """Ranges of query blocks processed together (each group's scores hold about GROUP_ELEMENTS numbers)."""
+def group_spans(query: torch.Tensor, keys_per_query: int, group_elements: int = GROUP_ELEMENTS
+                ) -> list[tuple[int, int]]:
+    """Ranges of query blocks processed together (each group's scores hold about ``group_elements`` numbers)."""
     *lead, blocks, width, _ = query.shape
-    size = max(1, GROUP_ELEMENTS // (math.prod(lead) * width * keys_per_query))
+    size = max(1, group_elements // (math.prod(lead) * width * keys_per_query))
     return spans(blocks, size)
 
 

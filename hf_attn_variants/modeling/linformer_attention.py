@@ -51,6 +51,10 @@ class LinformerSettings(SettingsBase):
                 "(None = the model's max_position_embeddings)."
             )
 
+    def keys_attended(self, length: int, causal: bool) -> float:
+        """The k projected keys, plus the projection of K and V along the sequence (another k per query row)."""
+        return 2 * self.k
+
 
 class LinformerState(VariantState):
     """proj_k (E) and proj_v (F): [heads or 1, k, max_length] learned sequence projections."""

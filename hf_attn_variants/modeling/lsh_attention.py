@@ -30,9 +30,11 @@ from .attention_common import (
     prepare_call,
 )
 from .decoding_caches import BucketIndexLayer, decoding_layer
-from .gathered_attention import NO_KEY_LSE, gather_rows, gathered_attention, row_offsets
+from .gathered_attention import GROUP_ELEMENTS, NO_KEY_LSE, gather_rows, gathered_attention, row_offsets
 
-# Queries per block of the bucket window = bucket_size // BUCKET_BLOCK_DIVISOR.
+# Queries per block of the bucket window = bucket_size // BUCKET_BLOCK_DIVISOR (lsh_attention's default). Blocks of
+# bucket_size queries overflowed their span for ~6% of queries at 16K tokens; half blocks make that rare at the
+# same FLOPs per query.
 BUCKET_BLOCK_DIVISOR = 2
 
 
@@ -53,6 +55,10 @@ class LSHSettings(SettingsBase):
                 f"lsh setting num_buckets={self.num_buckets} must be 1 or even (angular LSH hashes to +-R x); "
                 f"pass num_buckets={self.num_buckets + 1}."
             )
+
+    def keys_attended(self, length: int, causal: bool) -> float:
+        """c positional neighbours plus c same-bucket keys per hash round."""
+        return min(length, self.bucket_size * (1 + self.num_hashes))
 
 
 class LSHState(VariantState):
@@ -112,7 +118,7 @@ def local_window_start(
     return torch.maximum(torch.minimum(q_pos - width // 2, upper), lo.unsqueeze(-1))
 
 
-def local_attention(query, key, value, key_mask, start, width, scaling, dropout):
+def local_attention(query, key, value, key_mask, start, width, scaling, dropout, group_elements=GROUP_ELEMENTS):
     """Softmax over each query's positional window [start, start + width), by query blocks of ``width`` against
     the 2 * width keys from the block's first window start (window starts grow by at most 1 per position, so the
     block's last window ends inside that span). start [B or 1, Lq]. Returns (out [B, H, Lq, D], lse [B, H, Lq])."""
@@ -131,39 +137,43 @@ def local_attention(query, key, value, key_mask, start, width, scaling, dropout)
         keys, first = span[:, lo:hi, None, :], starts[:, lo:hi, :, None]
         return ((keys >= first) & (keys < first + width) & span_ok[:, lo:hi, None, :]).unsqueeze(1)
 
-    out, lse = gathered_attention(q_blocks, key, value, span.unsqueeze(1), allowed, scaling, dropout)
+    out, lse = gathered_attention(q_blocks, key, value, span.unsqueeze(1), allowed, scaling, dropout, group_elements)
     return out.reshape(bsz, heads, nb * width, -1)[:, :, :lq], lse.reshape(bsz, heads, nb * width)[:, :, :lq]
 
 
-def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_start, width, is_causal, scaling,
-                     dropout):
-    """Softmax over each query's bucket window: the ``width`` same-bucket keys nearest it in (bucket, position)
-    order (causal: the most recent ones), minus keys already in its positional window. Returns (out, lse).
-
-    Queries are sorted by where their window starts and handled in blocks of width / 2 against the 2 * width sorted
-    keys from the block's first window; the rare query whose window reaches past that span is computed alone.
-    """
-    bsz, heads, lq, dim = query.shape
-    lk = key.shape[2]
-    device = query.device
+def bucket_windows(query_bucket, key_bucket, q_pos, width: int, is_causal: bool, lk: int):
+    """Each query's bucket window in (bucket, position) order: the ``width`` same-bucket keys nearest it (causal:
+    the most recent ones). Returns (order [B, H, Lk]: key positions by (bucket, position); lower, upper
+    [B, H, Lq]: the window as indices into that order, [lower, upper))."""
+    device = query_bucket.device
     codes, order = (key_bucket * lk + torch.arange(lk, device=device)).sort(dim=-1)
     bucket_start = torch.searchsorted(codes, query_bucket * lk)
     bucket_end = torch.searchsorted(codes, (query_bucket + 1) * lk)
     insert = torch.searchsorted(codes, query_bucket * lk + q_pos, right=True)  # same-bucket keys at <= query
     if is_causal:
-        first = insert - width
-        upper = insert
+        first, upper = insert - width, insert
     else:  # centred, then shifted to stay inside the bucket where it can
         first = torch.maximum(torch.minimum(insert - width // 2, bucket_end - width), bucket_start)
         upper = bucket_end
-    lower = torch.maximum(first, bucket_start)  # window: sorted index in [lower, upper_final)
-    upper = torch.minimum(first + width, upper)
+    return order, torch.maximum(first, bucket_start), torch.minimum(first + width, upper)
+
+
+def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_start, width, is_causal, scaling,
+                     dropout, group_elements=GROUP_ELEMENTS, bucket_block_divisor=BUCKET_BLOCK_DIVISOR):
+    """Softmax over each query's bucket window (``bucket_windows``) minus keys already in its positional window.
+    Returns (out [B, H, Lq, D], lse [B, H, Lq]).
+
+    Queries are sorted by where their window starts and handled in blocks of width / ``bucket_block_divisor``
+    against the 2 * width sorted keys from the block's first window; the rare query whose window reaches past that
+    span is computed alone (``overflow_attention``).
+    """
+    bsz, heads, lq, dim = query.shape
+    lk = key.shape[2]
+    device = query.device
+    order, lower, upper = bucket_windows(query_bucket, key_bucket, q_pos, width, is_causal, lk)
     local = local_start.expand(bsz, lq).unsqueeze(1).expand(bsz, heads, lq)
 
-    # Sort queries by window start; blocks of width / 2 queries share a span of 2 * width sorted keys. (Blocks of
-    # `width` queries overflowed their span for ~6% of queries at 16K tokens; half blocks make that rare at the
-    # same FLOPs per query.)
-    rows = max(width // BUCKET_BLOCK_DIVISOR, 1)
+    rows = max(width // bucket_block_divisor, 1)
     query_order = (lower.clamp_min(0) * lq + torch.arange(lq, device=device)).argsort(dim=-1)
     per_query = torch.stack([lower, upper, local], dim=-1).gather(2, query_order.unsqueeze(-1).expand(-1, -1, -1, 3))
     nb = -(-lq // rows)
@@ -183,31 +193,40 @@ def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_s
         ok = (idx >= s_lower[:, :, lo:hi].unsqueeze(-1)) & (idx < s_upper[:, :, lo:hi].unsqueeze(-1))
         return ok & ((pos < local_first) | (pos >= local_first + width))
 
-    out, lse = gathered_attention(_blocks(sorted_queries, rows), key, value, span_pos, allowed, scaling, dropout)
+    out, lse = gathered_attention(_blocks(sorted_queries, rows), key, value, span_pos, allowed, scaling, dropout,
+                                  group_elements)
     out, lse = out.reshape(bsz, heads, padded, dim)[:, :, :lq], lse.reshape(bsz, heads, padded)[:, :, :lq]
 
-    # Queries whose window does not fit in their block's span: each is a block of one with its own keys.
     span_end = (span_start + 2 * width).unsqueeze(-1).expand(-1, -1, -1, rows).reshape(bsz, heads, padded)[:, :, :lq]
-    overflow = s_upper.reshape(bsz, heads, padded)[:, :, :lq] > span_end
+    flat = [t.reshape(bsz, heads, padded)[:, :, :lq] for t in (s_lower, s_upper, s_local)]
+    overflow = flat[1] > span_end
     if bool(overflow.any()):
-        b, h, i = overflow.nonzero(as_tuple=True)
-        count = b.numel()
-        lo_i = s_lower.reshape(bsz, heads, padded)[b, h, i]
-        window = lo_i.unsqueeze(-1) + torch.arange(width, device=device)  # (n, w) sorted indices
-        w_pos = order[b.unsqueeze(-1), h.unsqueeze(-1), window.clamp_max(lk - 1)]
-        local_i = s_local.reshape(bsz, heads, padded)[b, h, i].unsqueeze(-1)
-        ok = window < s_upper.reshape(bsz, heads, padded)[b, h, i].unsqueeze(-1)
-        ok = (ok & ((w_pos < local_i) | (w_pos >= local_i + width))).view(1, 1, count, 1, width)
-        key_rows = (b * heads + h).unsqueeze(-1) * lk + w_pos  # rows of the flattened [B * H * Lk, D] keys
-        out_i, lse_i = gathered_attention(
-            sorted_queries[b, h, i].view(1, 1, count, 1, dim), key.reshape(1, 1, -1, dim),
-            value.reshape(1, 1, -1, dim), key_rows.view(1, 1, count, width), lambda lo, hi: ok[:, :, lo:hi], scaling,
-            dropout,
-        )
-        out = out.index_put((b, h, i), out_i.view(count, dim))
-        lse = lse.index_put((b, h, i), lse_i.view(count))
+        out, lse = overflow_attention(out, lse, overflow, sorted_queries, key, value, order, *flat, width, scaling,
+                                      dropout, group_elements)
     inverse = query_order.argsort(dim=-1)
     return _gather_rows(out, inverse), lse.gather(-1, inverse)
+
+
+def overflow_attention(out, lse, overflow, sorted_queries, key, value, order, lower, upper, local, width, scaling,
+                       dropout, group_elements=GROUP_ELEMENTS):
+    """The queries whose bucket window does not fit in their block's span (``overflow`` [B, H, Lq] bool, in sorted
+    query order like every other [B, H, Lq] argument): each is a block of one with its own ``width`` keys. Returns
+    (out, lse) with those rows replaced."""
+    bsz, heads, lk, dim = key.shape
+    device = key.device
+    b, h, i = overflow.nonzero(as_tuple=True)
+    count = b.numel()
+    window = lower[b, h, i].unsqueeze(-1) + torch.arange(width, device=device)  # (n, w) sorted indices
+    w_pos = order[b.unsqueeze(-1), h.unsqueeze(-1), window.clamp_max(lk - 1)]
+    local_i = local[b, h, i].unsqueeze(-1)
+    ok = window < upper[b, h, i].unsqueeze(-1)
+    ok = (ok & ((w_pos < local_i) | (w_pos >= local_i + width))).view(1, 1, count, 1, width)
+    key_rows = (b * heads + h).unsqueeze(-1) * lk + w_pos  # rows of the flattened [B * H * Lk, D] keys
+    out_i, lse_i = gathered_attention(
+        sorted_queries[b, h, i].view(1, 1, count, 1, dim), key.reshape(1, 1, -1, dim), value.reshape(1, 1, -1, dim),
+        key_rows.view(1, 1, count, width), lambda lo, hi: ok[:, :, lo:hi], scaling, dropout, group_elements,
+    )
+    return out.index_put((b, h, i), out_i.view(count, dim)), lse.index_put((b, h, i), lse_i.view(count))
 
 
 def lsh_attention(
@@ -221,12 +240,16 @@ def lsh_attention(
     settings: LSHSettings,
     dropout: float = 0.0,
     exact_when_covered: bool = True,
+    group_elements: int = GROUP_ELEMENTS,
+    bucket_block_divisor: int = BUCKET_BLOCK_DIVISOR,
 ) -> torch.Tensor:
     """Functional core. query [B, H, Lq, D] at positions Lk-Lq..; key/value [B, H, Lk, D]; rotations
     [R, D, n/2]; key_mask [B, Lk] bool or None. Returns [B, H, Lq, D].
 
     exact_when_covered: inputs of at most bucket_size keys, which the positional window alone covers, go straight
     to exact attention (the same result, computed densely); False forces the windows (for tests).
+    group_elements, bucket_block_divisor: tuning of the blocked computation (see gathered_attention and
+    BUCKET_BLOCK_DIVISOR); the result does not depend on them.
     """
     lk = key.shape[2]
     if exact_when_covered and lk <= settings.bucket_size:
@@ -236,7 +259,8 @@ def lsh_attention(
     query, key, value = query.to(dtype), key.to(dtype).contiguous(), value.to(dtype).contiguous()
     q_pos = torch.arange(lk - query.shape[2], lk, device=query.device)
     local_start = local_window_start(q_pos, key_mask, lk, width, is_causal)
-    out_local, lse_local = local_attention(query, key, value, key_mask, local_start, width, scaling, dropout)
+    out_local, lse_local = local_attention(query, key, value, key_mask, local_start, width, scaling, dropout,
+                                           group_elements)
     # Each round is the softmax over (positional window + its bucket window); rounds are combined by log-sum-exp,
     # so the positional window counts once per round: one combination with its lse raised by log(rounds).
     outputs, lses = [out_local], [lse_local + math.log(len(rotations))]
@@ -246,7 +270,8 @@ def lsh_attention(
             key_bucket = key_bucket.masked_fill(~key_mask[:, None, :], settings.num_buckets)
         query_bucket = hash_buckets(query, rotation, settings.num_buckets)
         out_bucket, lse_bucket = bucket_attention(
-            query, key, value, query_bucket, key_bucket, q_pos, local_start, width, is_causal, scaling, dropout
+            query, key, value, query_bucket, key_bucket, q_pos, local_start, width, is_causal, scaling, dropout,
+            group_elements, bucket_block_divisor,
         )
         outputs.append(out_bucket)
         lses.append(lse_bucket)

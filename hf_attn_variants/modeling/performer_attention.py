@@ -65,6 +65,11 @@ class PerformerSettings(SettingsBase):
                 "kernel='learned'; pass redraw_interval=0."
             )
 
+    def keys_attended(self, length: int, causal: bool) -> float:
+        """Feature maps of q and k and the m x D state products (3 m), plus the exact window blocks when set."""
+        window = (2 if causal else 3) * self.window
+        return 3 * self.num_features + min(length, window)
+
 
 def orthogonal_gaussian(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
     """[num_rows, dim] blocks of orthogonal rows, each row rescaled to a chi(dim) norm (FAVOR+ 'ORF').
@@ -226,9 +231,11 @@ def performer_attention(
     scaling: float,
     kernel: str = "softmax",
     chunk_size: int = 128,
+    block_rows: int = NONCAUSAL_BLOCK,
 ) -> torch.Tensor:
     """Functional core. query [B, H, Lq, D]; key/value [B, H, Lk, D]; features [m, D] or [H, m, D] (differentiable:
-    a learned kernel gets its gradient); key_mask [B, Lk] bool.
+    a learned kernel gets its gradient); key_mask [B, Lk] bool. chunk_size: rows per step of the causal prefix
+    sums; block_rows: rows per step of the non-causal pass (memory per step; the result does not depend on it).
 
     Returns [B, H, Lq, D] in the query's dtype; internal sums are fp32. In causal mode query i is at position
     Lk - Lq + i (so decoding with a KV cache gives what the full sequence gives).
@@ -237,7 +244,7 @@ def performer_attention(
     valid = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, Lk, 1)
     function = CausalFavor if is_causal else NonCausalFavor
     out = function.apply(query.to(dtype), key.to(dtype), value.to(dtype), features.to(dtype), valid,
-                         scaling, kernel, chunk_size)
+                         scaling, kernel, chunk_size if is_causal else block_rows)
     return out.to(query.dtype)
 
 
@@ -262,7 +269,7 @@ class NonCausalFavor(torch.autograd.Function):
         qs, ks, v1 = _scaled_inputs(query, key, value, scaling)
         fmap = FeatureMap(features, kernel)
         shift, state = None, None  # state: [B, H, m, D + 1] = (S, z) relative to exp(shift)
-        for span in spans(ks.shape[2], NONCAUSAL_BLOCK):
+        for span in spans(ks.shape[2], block):
             logits = fmap.logits(rows(ks, span))
             shift, state = fmap.advance_shift(logits, rows(valid, span), shift, state)
             phi = fmap.keys(logits, shift, rows(valid, span))
@@ -270,33 +277,33 @@ class NonCausalFavor(torch.autograd.Function):
             state = contribution if state is None else state + contribution
         out = torch.empty_like(query)
         denominator = query.new_empty(query.shape[:-1] + (1,))
-        for span in spans(qs.shape[2], NONCAUSAL_BLOCK):
+        for span in spans(qs.shape[2], block):
             both = torch.matmul(fmap.queries(rows(qs, span)), state)
             out[:, :, span[0] : span[1]] = both[..., :-1] / floored(both[..., -1:])
             denominator[:, :, span[0] : span[1]] = both[..., -1:]
         ctx.save_for_backward(query, key, value, features, valid, state, shift, out, denominator)
-        ctx.settings = (scaling, kernel)
+        ctx.settings = (scaling, kernel, block)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward raises instead of going wrong
     def backward(ctx, grad_out):
         query, key, value, features, valid, state, shift, out, denominator = ctx.saved_tensors
-        scaling, kernel = ctx.settings
+        scaling, kernel, block = ctx.settings
         qs, ks, v1 = _scaled_inputs(query, key, value, scaling)
         grad_features = _feature_grad_holder(ctx, features)
         fmap = FeatureMap(features, kernel, grad_features)
         grad_num, grad_den = output_gradients(grad_out, out, denominator)
         grad_both = torch.cat([grad_num, grad_den], dim=-1)  # [B, H, Lq, D + 1]
         grad_query, grad_state = torch.empty_like(query), torch.zeros_like(state)
-        for span in spans(qs.shape[2], NONCAUSAL_BLOCK):
+        for span in spans(qs.shape[2], block):
             phi = fmap.queries(rows(qs, span))
             grad_span = rows(grad_both, span)
             grad_state.add_(torch.matmul(phi.transpose(-1, -2), grad_span))
             grad_phi = torch.matmul(grad_span, state.transpose(-1, -2))
             grad_query[:, :, span[0] : span[1]] = fmap.backward(rows(qs, span), phi, grad_phi)
         grad_key, grad_value = torch.empty_like(key), torch.empty_like(value)
-        for span in spans(ks.shape[2], NONCAUSAL_BLOCK):
+        for span in spans(ks.shape[2], block):
             phi = fmap.keys(fmap.logits(rows(ks, span)), shift, rows(valid, span))
             grad_phi = torch.matmul(rows(v1, span), grad_state.transpose(-1, -2))
             grad_value[:, :, span[0] : span[1]] = torch.matmul(phi, grad_state[..., :-1])

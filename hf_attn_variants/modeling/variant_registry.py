@@ -17,32 +17,64 @@ from .lsh_attention import LSHSettings, LSHState, lsh_attention_forward
 from .performer_attention import PerformerSettings, PerformerState, performer_attention_forward
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Variant:
-    """One attention variant: its interface function, mask builder, settings and state classes."""
+    """One attention variant: its interface function, mask builder, settings and state classes, what it can do, and
+    what its model card and the benchmark say of it. The settings class also carries the FLOP model
+    (``settings.keys_attended(length, causal)``)."""
 
     name: str
     forward: Callable
     mask: Callable
     settings: type[SettingsBase]
     state: type[VariantState] | None
-    causal: bool
-    learned: bool
+    causal: bool  # runs in decoders
+    learned: bool  # its state has parameters that need training (LoRA puts them in modules_to_save)
+    summary: str  # one line: what it computes
+    new_state: str | None  # the state a conversion adds, as the model card lists it
+    limitations: str
+    peers: tuple[str, ...] = ()  # benchmark methods implementing the same idea elsewhere
 
 
 # Linear-memory variants get padding_mask: a 2-D [B, Lk] padding mask (None without padding), never N x N.
 VARIANTS: dict[str, Variant] = {
-    "full": Variant("full", full_attention_forward, full_attention_mask, FullSettings, None, True, False),
+    "full": Variant(
+        name="full", forward=full_attention_forward, mask=full_attention_mask, settings=FullSettings, state=None,
+        causal=True, learned=False, summary="exact softmax attention through SDPA", new_state=None,
+        limitations="Exact attention: quadratic memory in length, as the source.",
+    ),
     "linformer": Variant(
-        "linformer", linformer_attention_forward, padding_mask, LinformerSettings, LinformerState, False, True
+        name="linformer", forward=linformer_attention_forward, mask=padding_mask, settings=LinformerSettings,
+        state=LinformerState, causal=False, learned=True,
+        summary="keys and values projected along the sequence to a fixed length k; linear in length",
+        new_state="`attn_variant.proj_k`, `attn_variant.proj_v`: learned sequence projections",
+        limitations="Not causal; inputs are limited to the projection's max length.",
+        peers=("lucidrains-linformer",),
     ),
     "performer": Variant(
-        "performer", performer_attention_forward, padding_mask, PerformerSettings, PerformerState, True, False
+        name="performer", forward=performer_attention_forward, mask=padding_mask, settings=PerformerSettings,
+        state=PerformerState, causal=True, learned=False,
+        summary="FAVOR+ positive orthogonal random features for the softmax kernel; linear in length",
+        new_state="`attn_variant.features`: the random feature matrix",
+        limitations="Random-feature error grows with the size of the attention logits.",
+        peers=("lucidrains-performer",),
     ),
     "bigbird": Variant(
-        "bigbird", bigbird_attention_forward, padding_mask, BigBirdSettings, BigBirdState, True, False
+        name="bigbird", forward=bigbird_attention_forward, mask=padding_mask, settings=BigBirdSettings,
+        state=BigBirdState, causal=True, learned=False,
+        summary="block-sparse: sliding window, global and random blocks; linear in length",
+        new_state="`attn_variant.random_table`: the draws choosing random blocks",
+        limitations="Exact only for inputs the block pattern covers; random blocks are shared by a layer's heads.",
+        peers=("hf-bigbird",),
     ),
-    "lsh": Variant("lsh", lsh_attention_forward, padding_mask, LSHSettings, LSHState, True, False),
+    "lsh": Variant(
+        name="lsh", forward=lsh_attention_forward, mask=padding_mask, settings=LSHSettings, state=LSHState,
+        causal=True, learned=False,
+        summary="angular locality-sensitive hashing of queries and keys (Reformer-style); linear in length",
+        new_state="`attn_variant.rotations`: the hashing rotations",
+        limitations="Keys in other buckets and outside the positional window are not seen.",
+        peers=("hf-reformer-1", "hf-reformer-4"),
+    ),
 }
 
 
