@@ -8,6 +8,7 @@ teacher's outputs: KL divergence of temperature-softened logits (models with a h
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
+from .evaluation import pooled_cosine
 from .modeling.families import family_of
 
 SHORT_TOKENS = 64  # "short input" length of the non-regression check
@@ -142,16 +144,34 @@ def _layerwise_stage(student, teacher, tokenizer, recipe, data, options: dict) -
             "layerwise_loss_after": sum(x for x in result["eval_loss_after"] if x == x)}
 
 
-def run_distill(recipe) -> dict[str, float]:
-    """Distil per the recipe's ``distill`` section; saves output_dir/final (card updated) and returns metrics:
-    mean embedding cosine to the teacher on the validation texts before and after, and seconds per stage."""
-    import time
-    from pathlib import Path
+@dataclasses.dataclass
+class DistillJob:
+    """What a distillation run works on, loaded once from its recipe (``load_job``)."""
 
-    from transformers import AutoTokenizer, TrainingArguments
+    recipe: Any
+    options: dict  # the recipe's distill section, minus stages and teacher
+    stages: list
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    tokenizer: Any
+    data: Any  # DatasetDict of texts
+    tokenized: Any
+    collator: Any
+    texts: list[str]  # the texts fidelity is measured on (validation, else train)
 
-    from .evaluation import pooled_cosine
-    from .finetune import AUTO_CLASS, load_text_datasets, prepare_model_folder, save_result, tokenize
+    def fidelity(self, max_length: int | None = None) -> float:
+        """Mean pooled-embedding cosine of the student to the teacher on ``texts`` cut to ``max_length`` tokens."""
+        length = max_length or self.recipe.data.max_length
+        cosine = pooled_cosine(self.teacher, self.student.eval(), self.tokenizer, self.texts, max_length=length)
+        self.student.train()
+        return cosine.mean().item()
+
+
+def load_job(recipe) -> DistillJob:
+    """Student (converted if the recipe names a variant; LoRA if asked), teacher, tokenizer and data."""
+    from transformers import AutoTokenizer
+
+    from .finetune import AUTO_CLASS, load_text_datasets, prepare_model_folder, tokenize
 
     options = dict(recipe.distill or {})
     stages = options.pop("stages", [1, 2])
@@ -167,49 +187,90 @@ def run_distill(recipe) -> dict[str, float]:
     data = load_text_datasets(recipe)
     tokenized, collator = tokenize(recipe, data, tokenizer)
     texts = data["validation" if "validation" in data else "train"][recipe.data.text_column]
+    return DistillJob(recipe, options, stages, student, teacher, tokenizer, data, tokenized, collator, list(texts))
 
-    def fidelity(model, max_length: int = recipe.data.max_length) -> float:
-        return pooled_cosine(teacher, model.eval(), tokenizer, texts, max_length=max_length).mean().item()
 
-    # Short inputs (the validation texts cut to SHORT_TOKENS) are where most variants are exact: watch them too.
-    metrics = {"cosine_before": fidelity(student), "cosine_short_before": fidelity(student, SHORT_TOKENS)}
+def run_trainer_stage(job: DistillJob, stage: int) -> tuple[Trainer, dict[str, float]]:
+    """Stage 1 (attention transfer) or 2 (end to end) with DistillationTrainer; returns the trainer and the
+    stage's seconds and first/last losses (means of three logged losses: one batch is noisy)."""
+    import time
+
+    from transformers import TrainingArguments
+
+    recipe, options = job.recipe, job.options
+    select_trainable(job.student, stage, options.get(f"train_stage{stage}", "attention" if stage == 1 else "all"))
+    arguments = {"output_dir": recipe.output_dir, "report_to": [], "seed": recipe.seed, "save_strategy": "no",
+                 "use_cpu": not torch.cuda.is_available(), "logging_steps": 10, "remove_unused_columns": False,
+                 **recipe.training, **options.get(f"stage{stage}_training", {})}
+    trainer = DistillationTrainer(
+        model=job.student, args=TrainingArguments(**arguments), train_dataset=job.tokenized["train"],
+        data_collator=job.collator, processing_class=job.tokenizer, teacher=job.teacher, stage=stage,
+        temperature=options.get("temperature", 2.0), kl_weight=options.get("kl_weight", 1.0),
+        hidden_weight=options.get("hidden_weight", 1.0), cosine_weight=options.get("cosine_weight", 0.0),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    metrics = {f"stage{stage}_seconds": time.perf_counter() - start}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if losses:
+        span = min(3, len(losses))
+        metrics[f"stage{stage}_first_loss"] = sum(losses[:span]) / span
+        metrics[f"stage{stage}_last_loss"] = sum(losses[-span:]) / span
+    return trainer, metrics
+
+
+def keep_short_inputs(job: DistillJob, stage, snapshot: dict[str, torch.Tensor], short_before: float,
+                      tolerance: float) -> dict[str, float]:
+    """The non-regression rule: a stage that lowers the short-input fidelity (where most variants are exact) by
+    more than ``tolerance`` is undone (its weights restored from ``snapshot``). Returns the stage's short-input
+    fidelity and whether it was undone."""
+    short = job.fidelity(SHORT_TOKENS)
+    undone = short < short_before - tolerance
+    if undone:
+        job.student.load_state_dict(snapshot)
+    return {f"cosine_short_after_stage{stage}": short, f"stage{stage}_undone": float(undone)}
+
+
+def save_distilled(job: DistillJob, trainer: Trainer | None, metrics: dict[str, float]) -> None:
+    """output_dir/final with the tokenizer and an updated card (through the last trainer when there was one)."""
+    from pathlib import Path
+
+    from .finetune import save_result
+
+    recipe = job.recipe
+    if trainer is None:
+        job.student.save_pretrained(Path(recipe.output_dir) / "final")
+        job.tokenizer.save_pretrained(Path(recipe.output_dir) / "final")
+        return
+    job.student.requires_grad_(True)
+    recipe.metrics = [*recipe.metrics, "cosine_to_teacher"]
+    save_result(recipe, trainer, {"eval_cosine_to_teacher": metrics["cosine_after"]},
+                f"distilled from {Path(str(recipe.model)).name} (stages {job.stages}; cosine to teacher "
+                f"{metrics['cosine_before']:.4f} -> {metrics['cosine_after']:.4f})")
+
+
+def run_distill(recipe) -> dict[str, float]:
+    """Distil per the recipe's ``distill`` section; saves output_dir/final (card updated) and returns metrics:
+    mean embedding cosine to the teacher on the validation texts (at full length and cut to SHORT_TOKENS) before
+    and after each stage, and seconds per stage.
+
+    A variant never ends below where it started on short inputs: a stage that lowers their fidelity by more than
+    ``short_tolerance`` (distill option, default 1e-3; null to turn the rule off) is undone."""
+    job = load_job(recipe)
+    tolerance = job.options.get("short_tolerance", 1e-3)
+    metrics = {"cosine_before": job.fidelity(), "cosine_short_before": job.fidelity(SHORT_TOKENS)}
     trainer = None
-    for stage in stages:
+    for stage in job.stages:
+        snapshot = {k: v.detach().clone() for k, v in job.student.state_dict().items()}
         if stage == "layerwise":  # stage 1 by teacher forcing, the variant's own parameters only
-            metrics.update(_layerwise_stage(student, teacher, tokenizer, recipe, data, options))
-            metrics["cosine_after_stagelayerwise"] = fidelity(student)
-            continue
-        train = options.get(f"train_stage{stage}", "attention" if stage == 1 else "all")
-        select_trainable(student, stage, train)
-        arguments = {"output_dir": recipe.output_dir, "report_to": [], "seed": recipe.seed, "save_strategy": "no",
-                     "use_cpu": not torch.cuda.is_available(), "logging_steps": 10, "remove_unused_columns": False,
-                     **recipe.training, **options.get(f"stage{stage}_training", {})}
-        trainer = DistillationTrainer(
-            model=student, args=TrainingArguments(**arguments), train_dataset=tokenized["train"],
-            data_collator=collator, processing_class=tokenizer, teacher=teacher, stage=stage,
-            temperature=options.get("temperature", 2.0), kl_weight=options.get("kl_weight", 1.0),
-            hidden_weight=options.get("hidden_weight", 1.0), cosine_weight=options.get("cosine_weight", 0.0),
-        )
-        start = time.perf_counter()
-        trainer.train()
-        metrics[f"stage{stage}_seconds"] = time.perf_counter() - start
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        if losses:
-            span = min(3, len(losses))  # the mean of the first / last three logged losses: one batch is noisy
-            metrics[f"stage{stage}_first_loss"] = sum(losses[:span]) / span
-            metrics[f"stage{stage}_last_loss"] = sum(losses[-span:]) / span
-        metrics[f"cosine_after_stage{stage}"] = fidelity(student)
-        student.train()
-    metrics["cosine_after"] = metrics[f"cosine_after_stage{stages[-1]}"] if stages else metrics["cosine_before"]
-    metrics["cosine_short_after"] = fidelity(student, SHORT_TOKENS)
-    if trainer is None and "layerwise" in stages:
-        student.save_pretrained(Path(recipe.output_dir) / "final")
-        tokenizer.save_pretrained(Path(recipe.output_dir) / "final")
-    if trainer is not None:
-        student.requires_grad_(True)
-        card_metrics = {"eval_cosine_to_teacher": metrics["cosine_after"]}
-        recipe.metrics = [*recipe.metrics, "cosine_to_teacher"]
-        save_result(recipe, trainer, card_metrics, f"distilled from {Path(str(recipe.model)).name} "
-                    f"(stages {stages}; cosine to teacher {metrics['cosine_before']:.4f} -> "
-                    f"{metrics['cosine_after']:.4f})")
+            metrics.update(_layerwise_stage(job.student, job.teacher, job.tokenizer, recipe, job.data, job.options))
+        else:
+            trainer, stage_metrics = run_trainer_stage(job, stage)
+            metrics.update(stage_metrics)
+        if tolerance is not None:
+            metrics.update(keep_short_inputs(job, stage, snapshot, metrics["cosine_short_before"], tolerance))
+        metrics[f"cosine_after_stage{stage}"] = job.fidelity()
+    metrics["cosine_after"] = metrics[f"cosine_after_stage{job.stages[-1]}"] if job.stages else metrics["cosine_before"]
+    metrics["cosine_short_after"] = job.fidelity(SHORT_TOKENS)
+    save_distilled(job, trainer, metrics)
     return metrics

@@ -200,20 +200,13 @@ def measure(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], fold
     return {"parameters": sum(p.numel() for p in model.parameters()), "disk_bytes": size, "forward_seconds": seconds}
 
 
-def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fraction: float = 0.25,
-              ffn_fraction: float = 0.0, magnitude: float = 0.0, texts: list[str] | None = None,
-              overwrite: bool = False, seed: int = 0, labels: list[int] | None = None) -> dict[str, Any]:
-    """Load a saved variant model, score, prune, save atomically (card updated) and report before/after:
-    parameters, size on disk, forward time, and for encoders the embedding cosine to the unpruned model."""
+def load_variant_model(source: str | os.PathLike):
+    """(model, an untouched copy of it, tokenizer, architecture name) of a saved variant folder; a ValueError
+    names the fix for a stock checkpoint."""
     from transformers import AutoConfig, AutoTokenizer
 
     from . import modeling
-    from .evaluation import pooled_cosine
-    from .hub import read_facts, write_model_card
-    from .modeling.atomic_io import atomic_output_dir, check_output_dir
-    from .texts import real_sentences
 
-    check_output_dir(output_dir, overwrite)
     config = AutoConfig.from_pretrained(source)
     if not config.model_type.startswith("attn_variant_"):
         raise ValueError(f"{source} is not a hf_attn_variants model (model_type {config.model_type}); convert it "
@@ -222,14 +215,39 @@ def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fra
     architecture = (config.architectures or [""])[0].removeprefix("AttnVariant")
     architecture = architecture if architecture in classes else next(iter(classes))
     model_class = classes[architecture]
-    model = model_class.from_pretrained(source)
-    original = model_class.from_pretrained(source).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    texts = texts or real_sentences(128, split="train")
-    batches = text_batches(tokenizer, texts, labels=labels)
+    return (model_class.from_pretrained(source), model_class.from_pretrained(source).eval(),
+            AutoTokenizer.from_pretrained(source), architecture)
+
+
+def save_pruned(model: PreTrainedModel, tokenizer, source, output_dir, overwrite: bool, history: str) -> None:
+    """Write the pruned model atomically with its tokenizer and the source's card, plus one history line."""
+    from .hub import read_facts, write_model_card
+    from .modeling.atomic_io import atomic_output_dir
+
+    facts = read_facts(source)
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, model.config, type(model).__name__, base_model=facts.get("base_model"),
+                         license=facts.get("license"), repo_id=Path(output_dir).name,
+                         history=facts.get("history", []) + [history])
+
+
+def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fraction: float = 0.25,
+              ffn_fraction: float = 0.0, magnitude: float = 0.0, texts: list[str] | None = None,
+              overwrite: bool = False, seed: int = 0, labels: list[int] | None = None) -> dict[str, Any]:
+    """Load a saved variant model, score, prune, save atomically (card updated) and report before/after:
+    parameters, size on disk, forward time, and for encoders the embedding cosine to the unpruned model."""
+    from .evaluation import pooled_cosine
+    from .modeling.atomic_io import check_output_dir
+    from .texts import real_sentences
+
+    check_output_dir(output_dir, overwrite)
+    model, original, tokenizer, architecture = load_variant_model(source)
+    batches = text_batches(tokenizer, texts or real_sentences(128, split="train"), labels=labels)
     report: dict[str, Any] = {"before": measure(model, batches, str(source))}
-    scored = head_fraction > 0 or ffn_fraction > 0
     torch.manual_seed(seed)  # the label-free importance loss uses dropout
+    scored = head_fraction > 0 or ffn_fraction > 0
     head_scores, neuron_scores = importance_scores(model, batches[:4]) if scored else (None, None)
     removed = prune_model(model, head_scores, neuron_scores, head_fraction, ffn_fraction)
     if magnitude:
@@ -237,15 +255,9 @@ def run_prune(source: str | os.PathLike, output_dir: str | os.PathLike, head_fra
     report["removed_heads"] = removed
     if architecture.endswith("Model") and not architecture.endswith("LMHeadModel"):  # an encoder: embeddings
         report["cosine_to_unpruned"] = pooled_cosine(original, model, tokenizer, real_sentences(64)).mean().item()
-    facts = read_facts(source)
     parameters = sum(p.numel() for p in model.parameters())
-    history = f"pruned {sum(len(v) for v in removed.values())} attention heads and {ffn_fraction:.0%} of FFN " \
-              f"neurons (parameters {report['before']['parameters']:,} -> {parameters:,})"
-    with atomic_output_dir(output_dir, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_model_card(tmp, model.config, type(model).__name__, base_model=facts.get("base_model"),
-                         license=facts.get("license"), repo_id=Path(output_dir).name,
-                         history=facts.get("history", []) + [history])
+    save_pruned(model, tokenizer, source, output_dir, overwrite,
+                f"pruned {sum(len(v) for v in removed.values())} attention heads and {ffn_fraction:.0%} of FFN "
+                f"neurons (parameters {report['before']['parameters']:,} -> {parameters:,})")
     report["after"] = measure(model, batches, str(output_dir))
     return report

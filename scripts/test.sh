@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check hf_attn_variants tests scripts
-HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q "$@"
+# Every test, the slow ones too (plain `pytest` leaves them out: see pyproject.toml).
+HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -m "slow or not slow" "$@"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hf_attn_variants.bench.methods import flops
 from hf_attn_variants.cli import main as cli_main
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_tables(tmp_path, capsys):
     code = cli_main(["bench", "--quick", "--methods", "full", "performer", "lsh", "--out", str(tmp_path)])
     assert code == 0

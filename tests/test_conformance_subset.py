@@ -16,6 +16,8 @@ from conftest import REPO_ROOT
 
 DOCUMENTED = {"test_generation_tester_mixin_inheritance"}
 
+pytestmark = pytest.mark.slow  # real checkpoint / 16K tokens / upstream suite: scripts/test.sh runs it
+
 
 @pytest.mark.skipif(os.environ.get("HF_ATTN_VARIANTS_SKIP_CONFORMANCE") == "1", reason="asked to skip")
 def test_upstream_model_tests_pass_for_llama_bigbird():

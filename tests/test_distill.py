@@ -84,23 +84,31 @@ def teacher_and_data(bert_with_tokenizer, tmp_path):
     return teacher_folder, data
 
 
-def test_distill_recipe_end_to_end(bert_with_tokenizer, tmp_path):
+def distill_recipe(bert_with_tokenizer, tmp_path, attention: str, settings: dict, training: dict,
+                   distill: dict):
+    """A feature-extraction distillation recipe from the sharpened tiny teacher, on LOCAL_TEXT's sentences."""
     teacher_folder, data = teacher_and_data(bert_with_tokenizer, tmp_path)
     recipe = tmp_path / "distill.yaml"
     recipe.write_text("# hf-attn-variants distill distill.yaml\n" + yaml.safe_dump({
-        "model": str(teacher_folder), "attention": "linformer", "settings": {"k": 4},
+        "model": str(teacher_folder), "attention": attention, "settings": settings,
         "task": "feature-extraction", "data": {"train": str(data), "validation": str(data), "max_length": 32},
-        "output_dir": str(tmp_path / "out"),
-        "training": {"num_train_epochs": 8, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
-                     "logging_steps": 1},
-        "distill": {"stages": [1, 2], "stage2_training": {"learning_rate": 3e-4}},
+        "output_dir": str(tmp_path / "out"), "training": {"per_device_train_batch_size": 8, **training},
+        "distill": distill,
     }))
+    return recipe
+
+
+def test_distill_recipe_end_to_end(bert_with_tokenizer, tmp_path):
+    recipe = distill_recipe(bert_with_tokenizer, tmp_path, "linformer", {"k": 4},
+                            {"num_train_epochs": 8, "learning_rate": 3e-3, "logging_steps": 1},
+                            {"stages": [1, 2], "stage2_training": {"learning_rate": 3e-4}})
     torch.manual_seed(0)  # the outcome must not hang on what earlier tests drew
     metrics = run_distill(load_recipe(recipe))
     # Means of 3 logged losses. Stage 2 starts within 1e-4 of the teacher's pooled output: its loss falls by ~5%.
     for stage, factor in ((1, 0.9), (2, 0.99)):
         assert metrics[f"stage{stage}_last_loss"] < factor * metrics[f"stage{stage}_first_loss"], metrics
     assert metrics["cosine_after"] >= metrics["cosine_before"] - 1e-4, metrics  # tiny models: all close to 1
+    assert metrics["cosine_short_after"] >= metrics["cosine_short_before"] - 1e-3, metrics  # the non-regression rule
     card = ModelCard.load(tmp_path / "out" / "final" / "README.md")
     assert "distilled from" in card.text and any(r.metric_type == "cosine_to_teacher" for r in card.data.eval_results)
 
@@ -157,3 +165,22 @@ def test_cosine_term_is_one_minus_the_pooled_cosine_and_training_raises_it(tmp_p
         optimizer.zero_grad()
     with torch.no_grad():
         assert trainer.compute_loss(student.eval(), inputs) < 0.6 * before
+
+
+def test_a_stage_that_lowers_short_input_fidelity_is_undone(bert_with_tokenizer, tmp_path):
+    """LSH is exact on inputs of at most bucket_size tokens; an end-to-end stage at a destructive learning rate
+    moves those outputs away from the teacher, so the stage is undone and the saved student is the converted one."""
+    from transformers import AutoModel
+
+    recipe = distill_recipe(bert_with_tokenizer, tmp_path, "lsh", {"bucket_size": 8},
+                            {"num_train_epochs": 2, "learning_rate": 0.5}, {"stages": [2]})
+    torch.manual_seed(0)
+    metrics = run_distill(load_recipe(recipe))
+    assert metrics["stage2_undone"] == 1.0 and metrics["cosine_short_after_stage2"] < metrics["cosine_short_before"]
+    assert metrics["cosine_short_after"] == pytest.approx(metrics["cosine_short_before"], abs=1e-6)
+    final = AutoModel.from_pretrained(tmp_path / "out" / "final")
+    converted = AutoModel.from_pretrained(tmp_path / "out" / "converted")
+    reference = converted.state_dict()
+    for name, tensor in final.state_dict().items():
+        if not name.startswith("pooler."):  # not in the masked-LM checkpoint: drawn afresh at each load
+            assert torch.equal(tensor, reference[name]), name

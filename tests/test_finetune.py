@@ -176,6 +176,7 @@ LAUNCHERS = {
 
 @pytest.mark.parametrize("launcher,job", [("torchrun", "finetune"), ("accelerate", "finetune"),
                                           ("accelerate", "distill")])
+@pytest.mark.slow
 def test_two_process_training_keeps_ranks_identical_and_lowers_the_loss(bert_with_tokenizer, tmp_path, launcher,
                                                                         job):
     train, validation = write_classification_data(tmp_path)
@@ -218,6 +219,7 @@ STEP_JOB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_one_process_with_batch_2b_and_two_with_batch_b_log_the_same_loss_and_take_the_same_step(
     bert_with_tokenizer, tmp_path
 ):

@@ -99,6 +99,7 @@ def test_push_refuses_bad_input(tmp_path, repo_id, problem, converted):
         push(folder, repo_id, dry_run=True)
 
 
+@pytest.mark.slow
 def test_round_trip_convert_finetune_push_and_load_with_and_without_the_package(bert_with_tokenizer, tmp_path):
     model = hv.convert(bert_with_tokenizer, attention="linformer", k=16).train()
     ids, mask = batch_with_padding(length=24)

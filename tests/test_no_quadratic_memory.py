@@ -16,6 +16,8 @@ import hf_attn_variants as hv
 
 N = 16384
 
+pytestmark = pytest.mark.slow  # real checkpoint / 16K tokens / upstream suite: scripts/test.sh runs it
+
 
 def tiny_long_model(family: str, attention: str):
     common = dict(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
@@ -9,6 +10,8 @@ import hf_attn_variants as hv
 from hf_attn_variants.demo import minilm_path
 from hf_attn_variants.evaluation import embedding_cosine, mean_pooled_embeddings
 from hf_attn_variants.texts import long_passages, real_sentences
+
+pytestmark = pytest.mark.slow  # real checkpoint / 16K tokens / upstream suite: scripts/test.sh runs it
 
 
 def test_full_conversion_of_the_real_minilm_equals_the_original(tmp_path):

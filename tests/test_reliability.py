@@ -173,6 +173,7 @@ def test_gradcheck_in_float64(variant, causal):
 # --- determinism -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_with_the_same_seed_build_identical_state(saved_models, tmp_path):
     script = textwrap.dedent("""
         import sys, hf_attn_variants as hv
@@ -233,6 +234,7 @@ KILLED_CONVERSION = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_conversion_killed_midway_leaves_no_destination_and_the_source_intact(saved_models, tmp_path):
     source = Path(saved_models["gpt2"])
     before = {p.name: p.read_bytes() for p in source.iterdir()}
@@ -286,6 +288,7 @@ LONG_FORWARD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_32k_token_forward_of_every_linear_memory_variant_fits_in_24_gib():
     result = subprocess.run([sys.executable, "-c", LONG_FORWARD], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

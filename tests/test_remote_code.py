@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from conftest import (
     CAUSAL_EFFICIENT,
@@ -20,6 +21,7 @@ from conftest import (
 import hf_attn_variants as hv
 
 
+@pytest.mark.slow
 def test_every_family_and_variant_loads_as_remote_code_without_the_package(tmp_path):
     ids, mask = batch_with_padding(length=30)
     jobs, expected = [], {}

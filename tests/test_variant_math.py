@@ -119,6 +119,7 @@ def test_bigbird_hand_written_backward_passes_gradcheck(causal, query_length, dr
     assert torch.autograd.gradcheck(core, (q, k, v), )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_lsh_hand_written_backward_passes_gradcheck(causal, dropout):
