@@ -33,30 +33,38 @@ DEFAULT_CACHE = Path(os.environ.get("HF_ATTN_VARIANTS_DATA", "outputs/data"))
 EVAL_SHARE = 5  # one article in 5 (by a hash of its title) is held out for evaluation
 
 
-def wiki_dump_path(cache: Path = DEFAULT_CACHE) -> Path:
-    """The bz2 XML dump: from an installed gensim, else extracted from gensim's wheel downloaded into ``cache``."""
+def gensim_test_file(member: str, cache: Path = DEFAULT_CACHE) -> Path:
+    """A file of gensim's wheel (``member``: its path inside the wheel): from an installed gensim, else extracted
+    from the wheel downloaded with ``pip download --no-deps`` into ``cache`` (no gensim install, no scipy)."""
     spec = importlib.util.find_spec("gensim")
     if spec is not None and spec.origin:
-        installed = Path(spec.origin).parent.parent / WIKI_MEMBER
+        installed = Path(spec.origin).parent.parent / member
         if installed.exists():
             return installed
-    target = cache / Path(WIKI_MEMBER).name
+    target = Path(cache) / Path(member).name
     if target.exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"gensim=={GENSIM_VERSION}", "-d", tmp]
         result = subprocess.run(command, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("gensim-*.whl"))
         if result.returncode or not wheels:
             raise RuntimeError(
-                f"could not fetch gensim's wheel for its Wikipedia test data ({result.stderr.strip()[-300:]}). "
-                "Install gensim (pip install gensim) or set HF_ATTN_VARIANTS_DATA to a folder holding "
-                f"{Path(WIKI_MEMBER).name}."
+                f"could not fetch gensim's wheel for its test data ({result.stderr.strip()[-300:]}). "
+                f"Install gensim (pip install gensim) or set HF_ATTN_VARIANTS_DATA to a folder holding "
+                f"{Path(member).name}."
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
-            target.write_bytes(wheel.read(WIKI_MEMBER))
+            partial = target.with_suffix(".tmp")
+            partial.write_bytes(wheel.read(member))
+            partial.replace(target)
     return target
+
+
+def wiki_dump_path(cache: Path = DEFAULT_CACHE) -> Path:
+    """The bz2 XML dump of gensim's Wikipedia sample (see ``gensim_test_file``)."""
+    return gensim_test_file(WIKI_MEMBER, cache)
 
 
 def iter_articles(dump: Path, min_words: int = 200) -> Iterator[dict[str, str]]:
@@ -158,3 +166,98 @@ def sentences(articles: list[dict[str, str]], count: int | None = None, min_char
                 if count is not None and len(found) >= count:
                     return found
     return found
+
+
+NEWSGROUPS_MEMBER = "gensim/test/test_data/mini_newsgroup"
+NEWSGROUPS_ATTRIBUTION = (
+    "Posts from the 20 Newsgroups collection (Ken Lang, 1995; alt.atheism and sci.space), as shipped in gensim's "
+    "test data"
+)
+
+
+class _Bunch(dict):
+    """Stands in for scikit-learn's ``Bunch`` (a dict with attribute access) so the pickle needs no sklearn."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.update(state)
+
+
+def _allowed_newsgroup_classes() -> dict[tuple[str, str], object]:
+    import copyreg
+
+    import numpy as np
+
+    return {
+        ("__builtin__", "dict"): dict,
+        ("__builtin__", "object"): object,
+        ("copy_reg", "_reconstructor"): copyreg._reconstructor,
+        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # as numpy 1 named it
+        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("sklearn.datasets.base", "Bunch"): _Bunch,
+    }
+
+
+def read_mini_newsgroup(path: Path) -> dict:
+    """The zlib-compressed pickle of a scikit-learn ``Bunch`` in gensim's test data, read with an unpickler that
+    admits only the classes that file needs (plain data: dicts and numpy arrays), never arbitrary code."""
+    import io
+    import pickle
+    import zlib
+
+    allowed = _allowed_newsgroup_classes()
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(f"{path}: refusing to load {module}.{name} (not a plain data class)")
+            return allowed[(module, name)]
+
+    raw = zlib.decompress(Path(path).read_bytes())
+    return dict(RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load())
+
+
+def post_body(post: str) -> str:
+    """A newsgroup post without what gives its label away or is someone else's text: the header (which names
+    the newsgroup), quoted lines (``>``, ``|``) and the "In article ... writes:" lines that introduce them."""
+    _, _, body = post.partition("\n\n")
+    kept = [line for line in body.splitlines()
+            if not re.match(r"^\s*(>|\||In article )", line)
+            and not re.search(r"(writes|wrote|says)(:|\.\.\.)\s*$", line)]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
+
+
+def prepare_newsgroups(cache: Path = DEFAULT_CACHE, folds: int = 5) -> dict[str, Path]:
+    """Write ``cache/newsgroups/posts.jsonl`` ({"id", "group", "label", "text"}, one post a line, label 0 =
+    alt.atheism, 1 = sci.space) and, for k-fold evaluation, ``fold{i}_{train,validation}.jsonl``: each post is in
+    exactly one validation fold (assigned by a hash of its id, stratified by label). Skipped when present."""
+    folder = Path(cache) / "newsgroups"
+    paths = {"posts": folder / "posts.jsonl"}
+    for i in range(folds):
+        paths[f"fold{i}_train"] = folder / f"fold{i}_train.jsonl"
+        paths[f"fold{i}_validation"] = folder / f"fold{i}_validation.jsonl"
+    if all(p.exists() for p in paths.values()):
+        return paths
+    bunch = read_mini_newsgroup(gensim_test_file(NEWSGROUPS_MEMBER, Path(cache)))
+    names = list(bunch["target_names"])
+    posts = []
+    for filename, post, target in zip(bunch["filenames"], bunch["data"], bunch["target"], strict=True):
+        group, number = Path(filename.decode() if isinstance(filename, bytes) else filename).parts[-2:]
+        posts.append({"id": f"{group}/{number}", "group": group, "label": int(target), "text": post_body(post)})
+    assert {p["group"] for p in posts} == set(names), "labels do not match the newsgroups"
+    posts.sort(key=lambda p: hashlib.sha256(p["id"].encode()).hexdigest())
+    fold_of = {}
+    for label in sorted({p["label"] for p in posts}):
+        for rank, post in enumerate(p for p in posts if p["label"] == label):
+            fold_of[post["id"]] = rank % folds
+    folder.mkdir(parents=True, exist_ok=True)
+    contents = {"posts": posts}
+    for i in range(folds):
+        contents[f"fold{i}_train"] = [p for p in posts if fold_of[p["id"]] != i]
+        contents[f"fold{i}_validation"] = [p for p in posts if fold_of[p["id"]] == i]
+    for name, rows in contents.items():
+        tmp = paths[name].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        tmp.replace(paths[name])
+    return paths
