@@ -1,8 +1,8 @@
-"""Measure pruning (MiniLM: size, speed, embedding cosine; a fine-tuned MiniLM classifier: accuracy) and the loss
-curves of one vs two training processes; writes docs/pruning.md and docs/multiprocess.md.
+"""Measure pruning (MiniLM: size, speed, embedding cosine; the newsgroup classifiers fine-tuned by
+scripts/finetune_newsgroups.py: accuracy) and the loss curves of one vs two training processes; writes
+docs/pruning.md and docs/multiprocess.md.
 Usage: python scripts/training_tables.py [pruning] [multiprocess]"""
 
-import csv
 import json
 import subprocess
 import sys
@@ -12,21 +12,21 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_attn_variants import convert
-from hf_attn_variants.finetune import run_finetune
+from hf_attn_variants.corpora import load_articles
 from hf_attn_variants.prune import run_prune
 from hf_attn_variants.recipes import load_recipe
 
 OUT = Path("outputs/tables")
 
 
-def accuracy(folder, rows):
+def accuracy(folder, rows, max_length):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     correct = 0
     with torch.no_grad():
-        for start in range(0, len(rows), 32):
-            batch = rows[start:start + 32]
-            encoded = tokenizer([r["text"] for r in batch], padding=True, truncation=True, max_length=128,
+        for start in range(0, len(rows), 8):
+            batch = rows[start:start + 8]
+            encoded = tokenizer([r["text"] for r in batch], padding=True, truncation=True, max_length=max_length,
                                 return_tensors="pt")
             predictions = model(**encoded).logits.argmax(-1).tolist()
             correct += sum(int(p == int(r["label"])) for p, r in zip(predictions, batch, strict=True))
@@ -34,27 +34,32 @@ def accuracy(folder, rows):
 
 
 def pruning():
-    minilm = load_recipe("configs/finetune_minilm_performer.yaml").model
+    minilm = load_recipe("configs/finetune_newsgroups_performer.yaml").model
     convert(minilm, attention="performer", output_dir=OUT / "minilm-performer", overwrite=True,
             base_model="sentence-transformers/all-MiniLM-L6-v2")
     rows = []
     for heads, ffn in ((0.25, 0.0), (0.25, 0.25), (0.5, 0.5)):
         report = run_prune(OUT / "minilm-performer", OUT / f"minilm-pruned-{heads}-{ffn}", heads, ffn, overwrite=True)
         rows.append(("all-MiniLM-L6-v2 (performer)", heads, ffn, report, f"{report['cosine_to_unpruned']:.4f} cosine"))
-    recipe = load_recipe("configs/finetune_minilm_performer.yaml", {"output_dir": str(OUT / "classifier")})
-    run_finetune(recipe)
-    validation = list(csv.DictReader(open(recipe.data.validation)))
-    base_accuracy = accuracy(OUT / "classifier" / "final", validation)
-    train = list(csv.DictReader(open(recipe.data.train)))
-    for heads, ffn in ((0.25, 0.0), (0.25, 0.25)):
-        report = run_prune(OUT / "classifier" / "final", OUT / f"classifier-pruned-{heads}-{ffn}", heads, ffn,
-                           overwrite=True, texts=[r["text"] for r in train], labels=[int(r["label"]) for r in train])
-        pruned_accuracy = accuracy(OUT / f"classifier-pruned-{heads}-{ffn}", validation)
-        rows.append(("MiniLM-performer classifier", heads, ffn, report,
-                     f"accuracy {base_accuracy:.3f} -> {pruned_accuracy:.3f}"))
+    # The fold-0 newsgroup classifiers of scripts/finetune_newsgroups.py, scored on fold 0's training posts and
+    # measured on its 40 validation posts.
+    train = load_articles("outputs/data/newsgroups/fold0_train.jsonl")
+    validation = load_articles("outputs/data/newsgroups/fold0_validation.jsonl")
+    for case in ("full", "performer", "bigbird", "lsh", "linformer"):
+        classifier = Path("outputs/newsgroups") / case / "classifier"
+        if not classifier.exists():
+            continue
+        length = load_recipe(f"configs/finetune_newsgroups_{case}.yaml").data.max_length
+        base_accuracy = accuracy(classifier, validation, length)
+        for heads, ffn in ((0.25, 0.0), (0.25, 0.25)):
+            pruned = OUT / f"newsgroups-{case}-pruned-{heads}-{ffn}"
+            report = run_prune(classifier, pruned, heads, ffn, overwrite=True, texts=[r["text"] for r in train],
+                               labels=[int(r["label"]) for r in train])
+            rows.append((f"newsgroups classifier ({case}, fold 0)", heads, ffn, report,
+                         f"accuracy {base_accuracy:.3f} -> {accuracy(pruned, validation, length):.3f} (40 posts)"))
     lines = ["# Pruning", "", "Heads removed by gradient importance (Michel et al. 2019), FFN neurons by Taylor "
-             "importance, no retraining afterwards. Forward: median seconds per batch of 16 sentences (fp32, "
-             f"{torch.get_num_threads()} threads).", "",
+             "importance, no retraining afterwards. Forward: mean seconds per batch of 16 texts cut to 128 tokens "
+             f"(fp32, {torch.get_num_threads()} threads).", "",
              "| model | heads removed | FFN removed | parameters | size on disk (MB) | forward s | quality |",
              "|---|---|---|---|---|---|---|"]
     for name, heads, ffn, r, quality in rows:
@@ -81,7 +86,7 @@ def multiprocess():
     script = OUT / "job.py"
     OUT.mkdir(parents=True, exist_ok=True)
     script.write_text(JOB)
-    recipe = "configs/finetune_minilm_performer.yaml"
+    recipe = "configs/finetune_newsgroups_performer.yaml"
     curves = {}
     for processes in (1, 2):
         folder = OUT / f"processes-{processes}"
