@@ -2,7 +2,8 @@
 
 Fidelity: mean cosine similarity of mean-pooled embeddings to the original model's, on real sentences and on
 512-token passages of the Python documentation (see texts.py). Speed: one attention layer of MiniLM's shape
-(hidden 384, 12 heads) and of BERT-base's shape (768, 12), forward+backward at ``length`` tokens, median of 3.
+(hidden 384, 12 heads) and of BERT-base's shape (768, 12), forward+backward at ``length`` tokens, median of the
+runs filling 3 s after a warm-up.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def render(fidelity: list[dict], speed: list[dict], sentences: int, passages: in
             f"{r['passages_mean']:.4f} | {r['passages_min']:.4f} |"
         )
     lines += ["", f"## One attention layer, forward+backward at {speed[0]['length']} tokens (batch 1, fp32, "
-              f"{torch.get_num_threads()} threads, median of 3)", "",
+              f"{torch.get_num_threads()} threads, median of the runs filling 3 s)", "",
               "| variant | layer (hidden, heads) | seconds | × full |", "|---|---|---|---|"]
     for r in speed:
         lines.append(f"| {r['variant']} | {r['hidden']}, {r['heads']} | {r['seconds']:.3f} | {r['vs_full']:.2f} |")
