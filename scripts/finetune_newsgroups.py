@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--report-only", action="store_true", help="write the table from the runs so far")
     parser.add_argument("--output", type=Path, default=WORK / "finetune.md",
                         help="the table (docs/finetune.md to regenerate the tracked one)")
     args = parser.parse_args(argv)
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {(r["case"], r["fold"], r["seed"]) for r in runs}
-    for case in args.cases.split(","):
+    for case in [] if args.report_only else args.cases.split(","):
         for seed in args.seeds:
             for fold in range(args.folds):
                 if (case, fold, seed) in done:

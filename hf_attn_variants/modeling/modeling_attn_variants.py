@@ -76,10 +76,10 @@ def install_length_checks(model: torch.nn.Module, family: str) -> None:
     position_key = FAMILIES[family].position_key
     if position_key is None:  # rotary positions: any length runs
         return
-    table = model.base_model.get_submodule(position_key.removesuffix(".weight"))
     if position_key.startswith("embeddings."):  # BERT-style: the embeddings block builds the position ids
         model.base_model.embeddings.register_forward_pre_hook(_check_embedding_length, with_kwargs=True)
     else:  # GPT-2: position ids go into the table
+        table = model.base_model.get_submodule(position_key.removesuffix(".weight"))
         table.register_forward_pre_hook(_check_position_ids)
 
 
