@@ -4,6 +4,7 @@ peers themselves, and the FLOP model that gives each method's floor."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from transformers import BertConfig, BertModel
@@ -25,7 +26,7 @@ class Peer:
     the keys each query costs (its FLOP model)."""
 
     causal: bool
-    keys: object  # (length, causal) -> keys each query attends
+    keys: Callable[[int, bool], float]  # (length, causal) -> keys each query attends
     max_length: dict = dataclasses.field(default_factory=dict)  # causal -> longest length
 
 
