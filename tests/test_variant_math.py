@@ -99,6 +99,23 @@ def test_bigbird_with_window_covering_the_sequence_is_exact(causal, length):
     torch.testing.assert_close(out[1, :, : length - 13], expected[1, :, : length - 13], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("query_length", [1, 3, 8])
+@pytest.mark.parametrize("padded", [False, True])
+def test_bigbird_decoding_step_equals_the_full_pass(query_length, padded):
+    """Causal queries all in the last key block (a decoding step: the gathered fast path) get what the same rows
+    of a full causal pass get (the blocked path), padding included. 59 keys in blocks of 8: the pattern is sparse."""
+    length = 59 if query_length < 8 else 64  # 8 queries fill the last block exactly
+    q, k, v = qkv(length=length, seed=3)
+    mask = None
+    if padded:
+        mask = torch.ones(B, length, dtype=torch.bool)
+        mask[1, :6] = False  # left padding: the decoding case
+    settings = sparse_bigbird(block=8)
+    full = run_bigbird(q, k, v, mask, True, settings)
+    step = run_bigbird(q[:, :, -query_length:], k, v, mask, True, settings)
+    torch.testing.assert_close(step, full[:, :, -query_length:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("query_length", [23, 5])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

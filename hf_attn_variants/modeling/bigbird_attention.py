@@ -165,6 +165,8 @@ def block_sparse_attention(
 
     offset = lk - lq
     first_qb = offset // b
+    if is_causal and first_qb == nk - 1:  # decoding: every query is in the last block
+        return last_block_attention(query, key, value, key_mask, scaling, settings, random_table, dropout)
     nq = nk - first_qb
     q_lead = offset - first_qb * b  # query rows before the first real query in its block
     query = nn.functional.pad(query, (0, 0, q_lead, nq * b - q_lead - lq)).view(bsz, heads, nq, b, dim)
@@ -185,6 +187,41 @@ def block_sparse_attention(
                                 False, scaling, dropout)
         out = torch.cat([dense, out[:, :, global_rows:]], dim=2)
     return out[:, :, q_lead : q_lead + lq]
+
+
+def last_block_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scaling: float,
+    settings: BigBirdSettings,
+    random_table: torch.Tensor,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Causal queries that all lie in the last key block (a decoding step): the block's S*b selected keys are
+    gathered once and the Lq real queries attend them directly, instead of padding the queries to a whole block.
+    Same arguments and result as ``block_sparse_attention``; O(Lq S b) whatever the context length."""
+    lq, lk = query.shape[2], key.shape[2]
+    b = settings.block_size
+    nk = -(-lk // b)
+    device = query.device
+    selected, slot_valid = block_selection(torch.tensor([nk - 1], device=device), nk, settings, random_table, True)
+    key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).flatten()  # (S*b,)
+    query_pos = torch.arange(lk - lq, lk, device=device)
+    allowed = slot_valid[0].repeat_interleave(b) & (key_pos < lk)  # (S*b,)
+    allowed = allowed & (key_pos[None, :] <= query_pos[:, None])  # (Lq, S*b)
+    index = key_pos.clamp_max(lk - 1)
+    if key_mask is not None:
+        allowed = allowed[None] & key_mask[:, index][:, None, :]  # (B, Lq, S*b)
+    dtype = compute_dtype(query.dtype)
+    keys, values = key.index_select(2, index).to(dtype), value.index_select(2, index).to(dtype)
+    scores = torch.matmul(query.to(dtype), keys.transpose(-1, -2)) * scaling  # [B, H, Lq, S*b]
+    scores = scores.masked_fill(~allowed.unsqueeze(-3), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row without keys (all padding) gives zeros
+    if dropout > 0.0:
+        probs = nn.functional.dropout(probs, p=dropout)
+    return torch.matmul(probs, values).to(query.dtype)
 
 
 def bigbird_attention_forward(
