@@ -51,7 +51,7 @@ def test_sequence_classification_recipe_trains_evaluates_and_updates_the_card(be
         tmp_path, model=bert_with_tokenizer, attention="linformer", settings={"k": 16}, num_labels=2,
         task="sequence-classification", data={"train": train, "validation": validation, "max_length": 32},
         metrics=["accuracy", "f1"], output_dir=str(tmp_path / "out"),
-        training={"num_train_epochs": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-3},
+        training={"num_train_epochs": 12, "per_device_train_batch_size": 8, "learning_rate": 3e-3},
     )
     metrics = run_finetune(load_recipe(recipe))
     labels = [int("attention" in s.lower()) for s in SENTENCES]
