@@ -140,8 +140,27 @@ def write_doc(rows: list[dict], posts: list[dict], long_ids: set[str], folds: in
         lines.append(f"| {row['case']} | {reads.get(row['case'], '2048 (tiled positions)')} | "
                      f"{row['accuracy']:.3f} | {fold_sd:.3f} | {row['long_accuracy']:.3f} | {paired} | "
                      f"{row['cpu_minutes']:.1f} |")
+    lines += ["", *findings(rows, reference, len(long_ids))]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(lines) + "\n")
+
+
+def findings(rows: list[dict], reference: dict | None, long_count: int) -> list[str]:
+    """What the table shows, computed from it: against the majority rate, against full, on the long posts, and
+    which cases were not run."""
+    out = []
+    variants = [r for r in rows if reference is not None and r is not reference]
+    for row in variants:
+        seed = reference["seeds"][0]
+        _, _, p_value = mcnemar_p(reference["correct"][seed], row["correct"][seed])
+        verdict = "within noise of full" if p_value >= 0.05 else "differs from full"
+        out.append(f"- {row['case']}: {row['accuracy']:.3f}, {row['accuracy'] - 0.5:+.3f} over the majority rate; "
+                   f"{verdict} (paired p = {p_value:.2f}); on the {long_count} long posts {row['long_accuracy']:.3f} "
+                   f"against full's {reference['long_accuracy']:.3f}.")
+    missing = [case for case in CASES if case not in {r["case"] for r in rows}]
+    if missing:
+        out.append(f"- Not run (no complete set of folds): {', '.join(missing)}.")
+    return out
 
 
 def main(argv=None) -> int:
