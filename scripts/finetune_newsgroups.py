@@ -109,7 +109,8 @@ def mcnemar_p(reference: dict[str, bool], other: dict[str, bool]) -> tuple[int, 
     return only_reference, only_other, min(1.0, 2 * tail)
 
 
-def write_doc(rows: list[dict], posts: list[dict], long_ids: set[str], folds: int, output: Path) -> None:
+def write_doc(rows: list[dict], posts: list[dict], long_ids: set[str], folds: int, output: Path,
+              runs: list[dict]) -> None:
     reads = {"full": "512 (truncated)", "full-2048": "2048 (full attention, tiled positions)"}
     reference = next((r for r in rows if r["case"] == "full"), None)
     lines = [
@@ -140,14 +141,14 @@ def write_doc(rows: list[dict], posts: list[dict], long_ids: set[str], folds: in
         lines.append(f"| {row['case']} | {reads.get(row['case'], '2048 (tiled positions)')} | "
                      f"{row['accuracy']:.3f} | {fold_sd:.3f} | {row['long_accuracy']:.3f} | {paired} | "
                      f"{row['cpu_minutes']:.1f} |")
-    lines += ["", *findings(rows, reference, len(long_ids))]
+    lines += ["", *findings(rows, reference, len(long_ids), runs)]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(lines) + "\n")
 
 
-def findings(rows: list[dict], reference: dict | None, long_count: int) -> list[str]:
+def findings(rows: list[dict], reference: dict | None, long_count: int, runs: list[dict]) -> list[str]:
     """What the table shows, computed from it: against the majority rate, against full, on the long posts, and
-    which cases were not run."""
+    which cases were not run (with the folds a case did finish, beside full's on the same folds)."""
     out = []
     variants = [r for r in rows if reference is not None and r is not reference]
     for row in variants:
@@ -158,8 +159,14 @@ def findings(rows: list[dict], reference: dict | None, long_count: int) -> list[
                    f"{verdict} (paired p = {p_value:.2f}); on the {long_count} long posts {row['long_accuracy']:.3f} "
                    f"against full's {reference['long_accuracy']:.3f}.")
     missing = [case for case in CASES if case not in {r["case"] for r in rows}]
-    if missing:
-        out.append(f"- Not run (no complete set of folds): {', '.join(missing)}.")
+    for case in missing:
+        done = sorted((r["fold"], r["accuracy"]) for r in runs if r["case"] == case)
+        if not done:
+            out.append(f"- {case}: not run.")
+            continue
+        full = {r["fold"]: r["accuracy"] for r in runs if r["case"] == "full"}
+        folds = ", ".join(f"fold {f}: {a:.3f} (full {full.get(f, float('nan')):.3f})" for f, a in done)
+        out.append(f"- {case}: only {len(done)} fold(s) finished, not in the table: {folds}.")
     return out
 
 
@@ -193,7 +200,7 @@ def main(argv=None) -> int:
                 with log.open("a") as stream:
                     stream.write(json.dumps(run) + "\n")
                 runs.append(run)
-    write_doc(summarise(runs, long_ids, len(posts)), posts, long_ids, args.folds, args.output)
+    write_doc(summarise(runs, long_ids, len(posts)), posts, long_ids, args.folds, args.output, runs)
     print(args.output.read_text())
     return 0
 
