@@ -71,11 +71,6 @@ class Family:
                 classes[class_name] = (*classes.get(class_name, ()), auto_name)
         return {**classes, **{name: () for name in self.extra_heads}}
 
-    @property
-    def variant_config_type(self) -> str:
-        """The model_type of this family's variant config."""
-        return f"attn_variant_{self.name}"
-
     def blocks_of(self, model: nn.Module) -> list[nn.Module]:
         """The transformer blocks of ``model`` (any head or the base model), in order."""
         return list(get_path(model.base_model, self.blocks))
