@@ -1,5 +1,6 @@
 """Performer decoders generate in recurrent form: a cache of running sums (constant size), the same tokens and
-logits as the parallel pass, left-padded batches and beam search as with a key/value cache."""
+logits as the parallel pass, left-padded batches and beam search as with a key/value cache. LSH decodes through its
+bucket index, BigBird through a key/value cache that appends without copying the context."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from conftest import DECODER_FAMILIES, tiny_model
 
 import hf_attn_variants as hv
-from hf_attn_variants.modeling.decoding_caches import BucketIndexCache, RecurrentStateCache
+from hf_attn_variants.modeling.decoding_caches import BucketIndexCache, GrowingCache, RecurrentStateCache
 
 SETTINGS = {"num_features": 32, "chunk_size": 8}  # a 20-token prompt spans several chunks
 PROMPT = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(11))
@@ -23,6 +24,8 @@ def _generate(model, ids, mask=None, **kwargs):
 LSH = {"bucket_size": 4, "num_buckets": 4, "num_hashes": 2}  # a 20-token prompt: windows and buckets both used
 CASES = [(family, "performer", SETTINGS, RecurrentStateCache) for family in DECODER_FAMILIES]
 CASES += [(family, "lsh", LSH, BucketIndexCache) for family in ("llama", "gpt2")]
+BIGBIRD = {"block_size": 4, "window_blocks": 1, "global_blocks": 1, "random_blocks": 1}  # 20-30 tokens: sparse
+CASES += [(family, "bigbird", BIGBIRD, GrowingCache) for family in ("llama", "gpt2")]
 
 
 @pytest.mark.parametrize("family,variant,settings,cache_class", CASES)
@@ -107,3 +110,80 @@ def test_lsh_beam_search_with_the_index_equals_the_key_value_cache():
     indexed = _generate(model, PROMPT, num_beams=3, num_return_sequences=2)
     assert torch.equal(indexed, _generate(model, PROMPT, num_beams=3, num_return_sequences=2,
                                           cache_implementation="dynamic"))
+
+
+def test_growing_cache_appends_in_place_and_survives_crop_and_reordering():
+    from transformers.cache_utils import DynamicLayer
+
+    from hf_attn_variants.modeling.decoding_caches import GrowingLayer
+
+    torch.manual_seed(0)
+    growing, reference = GrowingLayer(), DynamicLayer()
+    chunks = [torch.randn(3, 2, n, 4) for n in (20, 1, 1, 1)]
+
+    def step(chunk):
+        out = growing.update(chunk, chunk * 2)
+        expected = reference.update(chunk, chunk * 2)
+        assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+
+    step(chunks[0])
+    buffer = growing.key_buffer.data_ptr()
+    for chunk in chunks[1:]:
+        step(chunk)
+    assert growing.key_buffer.data_ptr() == buffer  # single tokens were written into spare capacity: no copy
+    assert growing.key_buffer.shape[2] > growing.get_seq_length() == 23
+    for layer in (growing, reference):
+        layer.crop(-2)
+    step(torch.randn(3, 2, 1, 4))  # overwrites the cropped rows
+    beams = torch.tensor([2, 0, 0])
+    for layer in (growing, reference):
+        layer.reorder_cache(beams)
+    step(torch.randn(3, 2, 1, 4))  # the reordered views are copied into fresh buffers
+    step(torch.randn(3, 2, 200, 4))  # past the capacity: the buffers grow
+    assert growing.get_seq_length() == reference.get_seq_length() == 223
+
+
+def test_growing_cache_falls_back_to_concatenation_under_autograd():
+    from hf_attn_variants.modeling.decoding_caches import GrowingLayer
+
+    layer = GrowingLayer()
+    key = torch.randn(1, 2, 5, 4, requires_grad=True)
+    keys, _ = layer.update(key, key)
+    keys.sum().backward()
+    assert layer.key_buffer is None and torch.equal(key.grad, torch.ones_like(key))
+
+
+def test_bigbird_cached_steps_equal_the_parallel_pass_with_left_padding():
+    model = hv.convert(tiny_model("llama"), attention="bigbird", **BIGBIRD)
+    short = PROMPT[:, 6:]
+    batch = torch.cat([PROMPT, torch.cat([torch.full((1, 6), 2), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :6] = 0
+    together = _generate(model, batch, mask, return_dict_in_generate=True)
+    assert isinstance(together.past_key_values, GrowingCache)
+    assert torch.equal(together.sequences[0], _generate(model, PROMPT)[0])
+    assert torch.equal(together.sequences[1, 6:], _generate(model, short)[0])
+    assert torch.equal(together.sequences, _generate(model, batch, mask, use_cache=False))
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_the_one_token_recurrent_step_equals_the_general_recurrence(kernel):
+    from hf_attn_variants.modeling import performer_attention as pa
+
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(3, 16, 8, generator=generator)
+    q, k, v = (torch.randn(2, 3, 1, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    valid = torch.tensor([[True], [False]])  # the second row's new token is padding: the state must not move
+    prompt = [torch.randn(2, 3, 9, 8, generator=generator, dtype=torch.float64) for _ in range(3)]
+    _, state, shift = pa.continue_causal_favor(*prompt, features, None, 0.35, kernel, 4, None, None)
+    step = pa.recurrent_step(q, k, v, features.double(), valid[:, None, :, None], 0.35, kernel, state, shift)
+    qs, ks, v1 = pa._scaled_inputs(q, k, v, 0.35)
+    run = pa.causal_pass(qs, ks, v1, pa.FeatureMap(features.double(), kernel), valid[:, None, :, None],
+                         pa.causal_key_spans(1, 1, 4), state, shift)
+    for got, expected in zip(step, (run.out, run.state, run.shift), strict=True):
+        if expected is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    rescale = 1.0 if kernel == "relu" else torch.exp(shift[1] - step[2][1])
+    torch.testing.assert_close(step[1][1], state[1] * rescale)  # padding added nothing

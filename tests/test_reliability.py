@@ -348,3 +348,13 @@ def test_performer_redraw_does_not_step_again_when_checkpointing_recomputes_the_
     model.save_pretrained(tmp_path / "m")
     reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "m").bert.encoder.layer[0].attention.self.attn_variant
     assert int(reloaded.draws) == 1 and torch.equal(reloaded.features, state.features)
+
+
+def test_the_wheel_lists_every_subpackage():
+    """A package missing from pyproject's explicit list works in the editable install and is absent from a wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    inits = (root / "hf_attn_variants").rglob("__init__.py")
+    on_disk = {".".join(init.parent.relative_to(root).parts) for init in inits}
+    assert on_disk <= listed, f"add to [tool.setuptools] packages: {sorted(on_disk - listed)}"

@@ -38,11 +38,15 @@ def decoder(method: str, positions: int) -> torch.nn.Module:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a cache: the recurrent states, or every layer's keys and values."""
+    """Bytes held by a cache: the recurrent states, or every layer's keys and values (with their spare capacity
+    where the layer keeps some)."""
     if isinstance(cache, RecurrentStateCache):
         return cache.nbytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if t is not None)
+    held = [getattr(layer, "key_buffer", None) for layer in cache.layers]
+    held += [getattr(layer, "value_buffer", None) for layer in cache.layers]
+    if not any(t is not None for t in held):
+        held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
 @torch.no_grad()

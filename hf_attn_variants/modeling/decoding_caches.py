@@ -2,7 +2,8 @@
 
 ``RecurrentStateCache`` (Performer) keeps running sums instead of keys and values. ``BucketIndexCache`` (LSH) keeps
 keys and values plus, per hash round and bucket, the positions of the most recent keys, so a new token finds its
-bucket's keys without re-hashing or re-sorting the context.
+bucket's keys without re-hashing or re-sorting the context. Both it and ``GrowingCache`` (BigBird) append keys into
+spare capacity rather than concatenating, so a step does not copy the whole cache.
 
 Performer:
 
@@ -108,9 +109,70 @@ class RecurrentStateCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
+class GrowingLayer(DynamicLayer):
+    """A key/value cache layer that appends into spare capacity instead of ``torch.cat``-ing the whole cache.
+
+    transformers' ``DynamicLayer`` copies every cached key and value at each step (O(context) per token). For the
+    sparse variants, whose attention reads O(1) keys per token, that copy is most of a decoding step. Here the keys
+    and values live in buffers [B, H, capacity, D] grown by half again when full (amortised O(1) per token);
+    ``keys``/``values`` are views of the first ``length`` rows, so everything ``DynamicLayer`` does (crop, beam
+    reordering, batch selection) still works: a method that replaces the views with new tensors makes the next
+    update copy them into fresh buffers. With autograd recording (training with ``use_cache=True``) it falls back to
+    concatenation, as in-place writes would break the graph."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            self.key_buffer = self.value_buffer = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if not self._views_fit(key_states, value_states, length + new):
+            capacity = (length + new) * 3 // 2 + 64
+            self.key_buffer = self._grown(self.keys, key_states, length, capacity)
+            self.value_buffer = self._grown(self.values, value_states, length, capacity)
+        self.key_buffer[:, :, length : length + new].copy_(key_states)
+        self.value_buffer[:, :, length : length + new].copy_(value_states)
+        self.keys = self.key_buffer[:, :, : length + new]
+        self.values = self.value_buffer[:, :, : length + new]
+        return self.keys, self.values
+
+    def _views_fit(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int) -> bool:
+        """Whether ``keys``/``values`` are still the leading rows of the buffers and ``length`` rows fit."""
+        buffers = (self.key_buffer, self.value_buffer)
+        if any(b is None for b in buffers) or length > self.key_buffer.shape[2]:
+            return False
+        return all(
+            b.shape[:2] == new.shape[:2] and b.shape[3] == new.shape[3] and b.dtype == new.dtype
+            and (old.numel() == 0 or (old.data_ptr() == b.data_ptr() and old.stride() == b.stride()))
+            for b, old, new in zip(buffers, (self.keys, self.values), (key_states, value_states), strict=True)
+        )
+
+    @staticmethod
+    def _grown(old: torch.Tensor, new: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+        buffer = new.new_empty(new.shape[:2] + (capacity, new.shape[3]))
+        if length:
+            buffer[:, :, :length].copy_(old)
+        return buffer
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_buffer = self.value_buffer = None
 
 
-class BucketIndexLayer(DynamicLayer):
+class GrowingCache(Cache):
+    """A cache of ``GrowingLayer``s: a key/value cache whose per-token cost does not grow with the context."""
+
+    def __init__(self, **kwargs):
+        super().__init__(layer_class_to_replicate=GrowingLayer)
+
+
+class BucketIndexLayer(GrowingLayer):
     """A key/value cache layer plus LSH's bucket index: ``recent`` [B, H, rounds, buckets, c] holds, per hash round
     and bucket, the positions of the c most recent keys hashed there (-1 = empty), oldest first. The index is built
     by the attention function at prefill and extended one key at a time while decoding; anything that rewrites the

@@ -103,6 +103,19 @@ def position_folding(k: int, length: int) -> torch.Tensor:
     return (positions[None, :] % k == torch.arange(k)[:, None]).float()
 
 
+def project_along_sequence(proj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """proj [B or 1, H or 1, k, L] applied along the sequence of x [B, H, L, D] -> [B, H, k, D].
+
+    A projection shared by the heads is one matmul over the full hidden width, [k, L] x [L, H*D] (x is a head-split
+    view of the layer's [B, L, H*D] projections, so no copy), instead of H matmuls with a broadcast copy of proj."""
+    batch, heads, length, dim = x.shape
+    if proj.shape[1] != 1:
+        return torch.matmul(proj, x)
+    flat = x.transpose(1, 2).reshape(batch, length, heads * dim)
+    low = torch.matmul(proj[:, 0], flat)  # [B, k, H*D]
+    return low.view(batch, -1, heads, dim).transpose(1, 2)
+
+
 def linformer_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -119,25 +132,24 @@ def linformer_attention(
     Length-normalised projection: projected row j is the E-weighted *mean* of the real keys (values) feeding it,
     with weight w_j = sum_i |E_ji| over real positions, and its logit gets + log w_j, so a row pooling c equal keys
     counts like those c keys. One E then works at every length; rows with w_j = 0 are masked out. With E the
-    identity this is exact attention.
+    identity this is exact attention. Padded positions get zero columns in E, so their keys and values never
+    reach a real token.
     """
     length = key.shape[2]
-    real = torch.ones(key.shape[0], length, dtype=key.dtype, device=key.device)
-    if key_mask is not None:
-        real = key_mask.to(key.dtype)
-        keep = real[:, None, :, None]
-        key, value = key * keep, value * keep
-    proj_k = proj_k[..., :length].to(key.dtype)
-    proj_v = proj_v[..., :length].to(value.dtype)
-    weight_k = torch.matmul(proj_k.abs(), real.T).permute(2, 0, 1).unsqueeze(-1)  # (B, H or 1, k, 1)
-    weight_v = torch.matmul(proj_v.abs(), real.T).permute(2, 0, 1).unsqueeze(-1)
+    projections = []
+    for proj in (proj_k, proj_v):
+        proj = proj[..., :length].to(key.dtype).unsqueeze(0)  # [1, H or 1, k, Lk]
+        if key_mask is not None:
+            proj = proj * key_mask.to(key.dtype)[:, None, None, :]  # [B, H or 1, k, Lk]
+        projections.append(proj)
     tiny = torch.finfo(key.dtype).tiny
-    key_low = torch.matmul(proj_k, key) / weight_k.clamp_min(tiny)  # (B, H, k, D)
-    value_low = torch.matmul(proj_v, value) / weight_v.clamp_min(tiny)  # (B, H, k, D)
-    scores = torch.matmul(query, key_low.transpose(-1, -2)) * scaling  # (B, H, Lq, k)
-    row_weight = weight_k.transpose(-1, -2)  # (B, H or 1, 1, k)
-    scores = scores + torch.log(row_weight.clamp_min(tiny))
-    scores = scores.masked_fill(row_weight == 0, masked_fill_value(scores.dtype))
+    weight_k, weight_v = (proj.abs().sum(-1, keepdim=True) for proj in projections)  # [B or 1, H or 1, k, 1]
+    key_low = project_along_sequence(projections[0], key) / weight_k.clamp_min(tiny)  # (B, H, k, D)
+    value_low = project_along_sequence(projections[1], value) / weight_v.clamp_min(tiny)  # (B, H, k, D)
+    # The length normalisation as one additive bias per projected key (an empty row: masked out).
+    row_weight = weight_k.transpose(-1, -2)  # (B or 1, H or 1, 1, k)
+    bias = torch.log(row_weight.clamp_min(tiny)).masked_fill(row_weight == 0, masked_fill_value(key.dtype))
+    scores = torch.matmul(query * scaling, key_low.transpose(-1, -2)).add_(bias)  # (B, H, Lq, k)
     probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(query.dtype)
     if dropout > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout)

@@ -321,8 +321,10 @@ def lsh_decode_step(query, key, value, rotations, settings: LSHSettings, scaling
     slot = query_bucket[..., None, None].expand(*query_bucket.shape, 1, width)
     positions = recent.gather(3, slot).squeeze(3)  # [B, H, R, c]
     allowed = (positions >= 0) & (positions < lk - width)  # same bucket, outside the positional window
-    keys = _gather_rows(key, positions.clamp_min(0).flatten(2)).view(*positions.shape, -1).to(dtype)
-    values = _gather_rows(value, positions.clamp_min(0).flatten(2)).view(*positions.shape, -1).to(dtype)
+    # torch.gather reads the cache where it lies (a growing cache's keys are a strided view: no copy of them).
+    index = positions.clamp_min(0).flatten(2).unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
+    keys = key.gather(2, index).view(*positions.shape, -1).to(dtype)
+    values = value.gather(2, index).view(*positions.shape, -1).to(dtype)
     scores = (keys @ q.transpose(-1, -2).unsqueeze(2)).squeeze(-1) * scaling  # [B, H, R, c]
     scores = scores.masked_fill(~allowed, float("-inf"))
     round_lse = torch.logsumexp(scores, dim=-1).clamp_min(NO_KEY_LSE)  # [B, H, R]

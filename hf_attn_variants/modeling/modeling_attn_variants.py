@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicCache
 
 from .atomic_io import atomic_save_dir
 from .attention_common import STATE_ATTRIBUTE, VariantState, attention_shape
-from .decoding_caches import BucketIndexCache, RecurrentStateCache
+from .decoding_caches import BucketIndexCache, GrowingCache, RecurrentStateCache
 from .families import FAMILIES, family_auto_map
 from .pruned_shapes import apply_config_shapes
 from .variant_registry import get_variant
@@ -89,6 +89,8 @@ def decoding_cache(config):
         return RecurrentStateCache()
     if config.attention_type == "lsh" and config.is_causal_family():
         return BucketIndexCache()
+    if config.attention_type == "bigbird" and config.is_causal_family():
+        return GrowingCache()
     return None
 
 
@@ -146,7 +148,8 @@ class AttentionVariantMixin:
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """transformers' cache choice, except where a variant decodes cheaper with its own cache (when no cache
         implementation was asked for): a causal Performer without an exact window with the recurrent state cache
-        (constant time and memory per token), LSH with the bucket index cache (no re-hashing per token)."""
+        (constant time and memory per token), LSH with the bucket index cache (no re-hashing per token), BigBird with a
+        key/value cache that appends without copying the context (see decoding_caches.GrowingLayer)."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("cache")
         replacement = decoding_cache(self.config)  # (an empty Cache is falsy: compare with None)

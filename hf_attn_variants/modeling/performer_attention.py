@@ -420,10 +420,42 @@ def continue_causal_favor(query, key, value, features, key_mask, scaling, kernel
     """
     dtype = compute_dtype(query.dtype)
     valid = None if key_mask is None else key_mask[:, None, :, None]
+    if query.shape[2] == key.shape[2] == 1 and state is not None and (shift is not None or kernel == "relu"):
+        return recurrent_step(query, key, value, features.to(dtype), valid, scaling, kernel, state, shift)
     qs, ks, v1 = _scaled_inputs(query.to(dtype), key.to(dtype), value.to(dtype), scaling)
     spans_ = causal_key_spans(qs.shape[2], ks.shape[2], chunk)
     run = causal_pass(qs, ks, v1, FeatureMap(features.to(dtype), kernel), valid, spans_, state, shift)
     return run.out.to(query.dtype), run.state, run.shift
+
+
+def recurrent_step(query, key, value, features, valid, scaling, kernel, state, shift):
+    """One decoding token in as few kernels as the recurrence allows (per-token cost is dispatch, not FLOPs): the
+    query's and key's feature logits from one matmul, the state rescaled and extended by phi(k) [v, 1]^T, the output
+    read off phi(q) S. query/key/value [B, H, 1, D], valid [B, 1, 1, 1] bool or None; (state, shift) as in
+    ``continue_causal_favor``, which it equals (tested). Returns (out [B, H, 1, D], state, shift)."""
+    dtype = features.dtype
+    fmap = FeatureMap(features, kernel)
+    both = torch.cat([query, key], dim=2).to(dtype).mul_(math.sqrt(scaling))  # [B, H, 2, D]
+    logits = fmap.logits(both)
+    q_logits, k_logits = logits[:, :, :1], logits[:, :, 1:]
+    if kernel == "relu":
+        phi_k = fmap.keys(k_logits, None, valid)
+    else:
+        if valid is not None:
+            k_logits = k_logits.masked_fill(~valid, torch.finfo(dtype).min)
+        new_shift = torch.maximum(shift, k_logits.amax(-1, keepdim=True))
+        state = state * torch.exp(shift - new_shift)
+        phi_k, shift = k_logits.sub(new_shift).exp_(), new_shift
+    v1 = torch.cat([value.to(dtype), value.new_ones(value.shape[:-1] + (1,), dtype=dtype)], dim=-1)
+    state = torch.baddbmm(state.flatten(0, 1), phi_k.flatten(0, 1).transpose(1, 2), v1.flatten(0, 1))
+    state = state.view(*phi_k.shape[:2], *state.shape[1:])
+    if kernel == "relu":
+        phi_q = q_logits.relu_().div_(math.sqrt(fmap.num_features)).add_(RELU_EPSILON)
+    else:
+        phi_q = q_logits.sub(q_logits.amax(-1, keepdim=True)).exp_()
+    read = torch.matmul(phi_q, state)  # [B, H, 1, D + 1]
+    out = read[..., :-1] / floored(read[..., -1:])
+    return out.to(query.dtype), state, shift
 
 
 def causal_key_spans(query_length: int, key_length: int, chunk: int) -> list[tuple[int, int]]:
