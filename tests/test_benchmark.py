@@ -55,9 +55,13 @@ def test_decode_benchmark_measures_every_method_and_the_performer_cache_stays_fl
     from hf_attn_variants.bench.decode import main as decode_main
 
     assert decode_main(["--contexts", "64", "192", "--tokens", "2", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "decode.json").read_text())
+    result = json.loads((tmp_path / "decode.json").read_text())
+    rows = result["rows"]
     assert {r["method"] for r in rows} == {"full", "performer", "bigbird", "lsh"}
+    full = {r["context"]: r["ms_per_token"] for r in rows if r["method"] == "full"}
+    assert 0 < result["floor_ms_per_token"] < full[192]  # the model without attention costs less than with it
     cache = {(r["method"], r["context"]): r["cache_bytes"] for r in rows}
     assert cache[("performer", 64)] == cache[("performer", 192)] > 0  # running sums: constant
     assert cache[("full", 192)] > 2 * cache[("full", 64)]  # keys and values: grow with the context
     assert "× full" in (tmp_path / "decode.md").read_text()
+    assert "| floor (attention removed) |" in (tmp_path / "decode.md").read_text()

@@ -6,6 +6,8 @@ A Llama-shaped decoder (2 layers, hidden 256, 4 heads, random weights: speed doe
 prefilled with the context, then decodes greedily one token at a time through the cache ``generate`` would use
 (the Performer's recurrent state cache, key/value caches for the others). Everything runs in one process, one
 variant after another, 2 threads; ms/token is the mean over the decoded tokens (after two warm-up tokens).
+The floor row is the same step with attention removed (an attention function that returns its queries, no cache):
+what the rest of the model costs per token, which no attention method can go below.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from ..conversion import convert
 from ..modeling import VARIANTS
@@ -29,12 +31,31 @@ METHODS = {name: {} for name, variant in VARIANTS.items() if variant.causal}
 CONTEXTS = (1024, 4096, 16384)
 
 
-def decoder(method: str, positions: int) -> torch.nn.Module:
-    """The benchmark's model converted to ``method`` (positions covering the longest context)."""
+def source_decoder(positions: int, **config) -> LlamaForCausalLM:
+    """The benchmark's stock Llama (positions covering the longest context)."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=positions)
-    return convert(LlamaForCausalLM(config), attention=method, **METHODS[method]).eval()
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=positions, **config)
+    return LlamaForCausalLM(config).eval()
+
+
+def decoder(method: str, positions: int) -> torch.nn.Module:
+    """The benchmark's model converted to ``method``."""
+    return convert(source_decoder(positions), attention=method, **METHODS[method]).eval()
+
+
+def _no_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    return query.transpose(1, 2), None  # the output of attention's shape, for free
+
+
+@torch.no_grad()
+def step_floor(tokens: int) -> float:
+    """ms per decoded token of the benchmark's model with attention removed (no cache, nothing attended)."""
+    AttentionInterface.register("bench_no_attention", _no_attention)
+    model = source_decoder(64, attn_implementation="bench_no_attention")
+    token = torch.zeros(1, 1, dtype=torch.long)
+    model(token, use_cache=False)  # warm-up
+    return mean_seconds(lambda: model(token, use_cache=False), tokens) * 1000
 
 
 def cache_bytes(cache) -> int:
@@ -70,8 +91,9 @@ def measure(model, context: int, tokens: int) -> dict[str, float]:
     return {"prefill_s": prefill_s, "ms_per_token": ms_per_token, "cache_bytes": cache_bytes(cache)}
 
 
-def render(rows: list[dict]) -> str:
-    """Markdown: ms/token (x full), cache MB and prefill seconds per method and context."""
+def render(rows: list[dict], floor_ms: float | None = None) -> str:
+    """Markdown: ms/token (x full), cache MB and prefill seconds per method and context; the floor (attention
+    removed) as a last row when given."""
     contexts = sorted({r["context"] for r in rows})
     full = {r["context"]: r for r in rows if r["method"] == "full"}
     lines = ["| method | " + " | ".join(f"{c} ctx: ms/token (× full) · cache MB · prefill s" for c in contexts) + " |",
@@ -84,6 +106,10 @@ def render(rows: list[dict]) -> str:
             cells.append(f"{r['ms_per_token']:.2f} ({ratio:.2f}×) · {r['cache_bytes'] / 2**20:.2f} · "
                          f"{r['prefill_s']:.2f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if floor_ms is not None:
+        cells = [f"{floor_ms:.2f} ({floor_ms / full[c]['ms_per_token']:.2f}×) · 0 · –" if c in full else ""
+                 for c in contexts]
+        lines.append("| floor (attention removed) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,11 +155,13 @@ def main(argv=None) -> int:
         for context in args.contexts:
             rows.append({"method": method, "context": context, **measure(model, context, args.tokens)})
             print(json.dumps(rows[-1]), flush=True)
+    floor_ms = step_floor(args.tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "decode.json").write_text(json.dumps({"rows": rows, "floor_ms_per_token": floor_ms}, indent=2) + "\n")
+    table = render(rows, floor_ms)
     (out / "decode.md").write_text("# Decoding: ms per new token, cache size, prefill\n\n" + __doc__.split("\n\n", 1)[1]
-                                   + "\n" + render(rows))
+                                   + "\n" + table)
     plot(rows, out / "decode.png")
-    print(render(rows))
+    print(table)
     return 0
