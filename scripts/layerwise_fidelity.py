@@ -35,6 +35,7 @@ CASES = [  # (label, variant, settings, stage-1 learning rate or None: nothing t
     ("linformer (k=256)", "linformer", {"k": 256}, 1e-3, 1),
     ("bigbird (block 32, no learned state)", "bigbird", {"block_size": 32}, None, None),
     ("lsh (defaults, no learned state)", "lsh", {}, None, None),
+    ("lsh (4 hashes, no learned state)", "lsh", {"num_hashes": 4}, None, None),
 ]
 
 
