@@ -3,8 +3,10 @@
     hf-attn-variants bench --decode [--contexts 1024 4096 16384] [--tokens 16] [--out docs/benchmarks]
 
 A Llama-shaped decoder (2 layers, hidden 256, 4 heads, random weights: speed does not depend on them) is
-prefilled with the context, then decodes greedily one token at a time through the cache ``generate`` would use
-(the Performer's recurrent state cache, key/value caches for the others). Everything runs in one process, one
+prefilled with the context, then decodes greedily one token at a time through the cache ``generate`` would use:
+the Performer's recurrent state cache, BigBird's growing key/value cache (appends without copying the context),
+LSH's bucket index (on the same growing cache), and for ``full`` transformers' own ``DynamicCache`` (the ratios are
+to it); ``full (growing cache)`` is exact attention on the growing cache. Everything runs in one process, one
 variant after another, 2 threads; ms/token is the mean over the decoded tokens (after two warm-up tokens).
 The floor row is the same step with attention removed (an attention function that returns its queries, no cache):
 what the rest of the model costs per token, which no attention method can go below.
@@ -22,12 +24,14 @@ from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaFor
 
 from ..conversion import convert
 from ..modeling import VARIANTS
-from ..modeling.decoding_caches import RecurrentStateCache
+from ..modeling.decoding_caches import GrowingCache, RecurrentStateCache
 from ..modeling.modeling_attn_variants import decoding_cache
 from .timing import mean_seconds
 
 METHODS = {name: {} for name, variant in VARIANTS.items() if variant.causal}
 """Every variant that decodes (causal), at its default settings."""
+FULL_GROWING = "full (growing cache)"
+"""Exact attention on BigBird's growing key/value cache: what full costs without transformers' per-step copy."""
 CONTEXTS = (1024, 4096, 16384)
 
 
@@ -71,10 +75,10 @@ def cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def measure(model, context: int, tokens: int) -> dict[str, float]:
+def measure(model, context: int, tokens: int, cache=None) -> dict[str, float]:
     """Prefill ``context`` random tokens, then decode ``tokens`` greedily; times in ms, cache in bytes."""
     ids = torch.randint(0, 1000, (1, context), generator=torch.Generator().manual_seed(context))
-    cache = decoding_cache(model.config)
+    cache = decoding_cache(model.config) if cache is None else cache
     cache = DynamicCache(config=model.config) if cache is None else cache
     last = {}
 
@@ -143,17 +147,18 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, FULL_GROWING], choices=[*METHODS, FULL_GROWING])
     parser.add_argument("--tokens", type=int, default=16, help="tokens decoded per context")
     parser.add_argument("--out", default="outputs/benchmarks", help="folder for decode.md/.json/.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = []
     for method in args.methods:
-        model = decoder(method, max(args.contexts) + args.tokens)
-        measure(model, 64, 2)  # warm-up
+        model = decoder("full" if method == FULL_GROWING else method, max(args.contexts) + args.tokens)
+        new_cache = GrowingCache if method == FULL_GROWING else lambda: None  # None: what generate would pick
+        measure(model, 64, 2, new_cache())  # warm-up
         for context in args.contexts:
-            rows.append({"method": method, "context": context, **measure(model, context, args.tokens)})
+            rows.append({"method": method, "context": context, **measure(model, context, args.tokens, new_cache())})
             print(json.dumps(rows[-1]), flush=True)
     floor_ms = step_floor(args.tokens)
     out = Path(args.out)
