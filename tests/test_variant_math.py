@@ -462,3 +462,23 @@ def test_performer_hybrid_is_exact_within_one_window(causal):
     features = orthogonal_gaussian(8, q.shape[-1], torch.Generator().manual_seed(0))
     out = hybrid_attention(q, k, v, features, causal, SCALE, q.shape[2])
     torch.testing.assert_close(out, exact_attention(q, k, v, None, causal, SCALE), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, H])  # shared by the heads (one matmul over the hidden width), or per head
+@pytest.mark.parametrize("padded", [False, True])
+def test_linformer_equals_its_definition_with_random_projections(heads, padded):
+    """Length-normalised Linformer, densely: row j of E K is the |E|-weighted mean of the real keys, its logit gets
+    + log sum_i |E_ji| over real positions; k = 8 < N, so the projection really compresses."""
+    q, k, v = qkv()
+    generator = torch.Generator().manual_seed(3)
+    proj_k, proj_v = (torch.randn(heads, 8, N + 5, generator=generator) for _ in range(2))
+    mask = right_padding(N, pad=9) if padded else None
+    real = torch.ones(B, N) if mask is None else mask.float()
+    e_k, e_v = (p[..., :N].unsqueeze(0) * real[:, None, None, :] for p in (proj_k, proj_v))  # [B, heads, 8, N]
+    w_k, w_v = e_k.abs().sum(-1), e_v.abs().sum(-1)  # [B, heads, 8]
+    key_low = (e_k @ k) / w_k[..., None]
+    value_low = (e_v @ v) / w_v[..., None]
+    scores = (q @ key_low.transpose(-1, -2)) * SCALE + torch.log(w_k)[:, :, None, :]
+    expected = torch.softmax(scores, -1) @ value_low
+    out, _ = linformer_attention(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, proj_k, proj_v, mask, SCALE)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
