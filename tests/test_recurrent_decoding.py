@@ -187,3 +187,20 @@ def test_the_one_token_recurrent_step_equals_the_general_recurrence(kernel):
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     rescale = 1.0 if kernel == "relu" else torch.exp(shift[1] - step[2][1])
     torch.testing.assert_close(step[1][1], state[1] * rescale)  # padding added nothing
+
+
+def test_a_finished_bucket_index_cache_is_freed_without_the_cyclic_collector():
+    import gc
+    import weakref
+
+    model = hv.convert(tiny_model("llama"), attention="lsh", **LSH)
+    cache = BucketIndexCache()
+    with torch.no_grad():
+        model(PROMPT, cache=cache, use_cache=True)
+    gc.disable()
+    try:
+        layer = weakref.ref(cache.layers[0])
+        del cache
+        assert layer() is None  # no reference cycle holds the layer (and its keys) alive
+    finally:
+        gc.enable()

@@ -15,6 +15,7 @@ what the rest of the model costs per token, which no attention method can go bel
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ def measure(model, context: int, tokens: int, cache=None) -> dict[str, float]:
     def step():  # one greedy token: the cache grows by one
         last["token"] = model(last["token"], cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
+    gc.collect()  # earlier runs' caches are freed before this one is timed
     start = time.perf_counter()  # once: a second prefill would find the cache already full
     prefill()
     prefill_s = time.perf_counter() - start

@@ -184,6 +184,9 @@ class BucketIndexLayer(GrowingLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
+        # Tag a new view, not the tensor this layer holds: tagging that would make a reference cycle (layer ->
+        # keys -> layer) that keeps the whole cache alive after its last use, until the cyclic collector runs.
+        keys = keys.view_as(keys)
         setattr(keys, DECODING_LAYER_ATTRIBUTE, self)
         return keys, values
 
