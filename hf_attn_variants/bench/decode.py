@@ -1,13 +1,14 @@
 """Decoding benchmark: ms per generated token, cache bytes and prefill time by context length, per causal variant.
 
-    hf-attn-variants bench --decode [--contexts 1024 4096 16384] [--tokens 16] [--out docs/benchmarks]
+    hf-attn-variants bench --decode [--contexts 1024 4096 16384] [--tokens 32] [--out docs/benchmarks]
 
 A Llama-shaped decoder (2 layers, hidden 256, 4 heads, random weights: speed does not depend on them) is
 prefilled with the context, then decodes greedily one token at a time through the cache ``generate`` would use:
 the Performer's recurrent state cache, BigBird's growing key/value cache (appends without copying the context),
 LSH's bucket index (on the same growing cache), and for ``full`` transformers' own ``DynamicCache`` (the ratios are
 to it); ``full (growing cache)`` is exact attention on the growing cache. Everything runs in one process, one
-variant after another, 2 threads; ms/token is the mean over the decoded tokens (after two warm-up tokens).
+variant after another, 2 threads; ms/token is the median over the decoded tokens, each timed alone (after two
+warm-up tokens).
 The floor row is the same step with attention removed (an attention function that returns its queries, no cache):
 what the rest of the model costs per token, which no attention method can go below.
 """
@@ -27,7 +28,7 @@ from ..conversion import convert
 from ..modeling import VARIANTS
 from ..modeling.decoding_caches import GrowingCache, RecurrentStateCache
 from ..modeling.modeling_attn_variants import decoding_cache
-from .timing import mean_seconds
+from .timing import median_of_calls
 
 METHODS = {name: {} for name, variant in VARIANTS.items() if variant.causal}
 """Every variant that decodes (causal), at its default settings."""
@@ -60,7 +61,7 @@ def step_floor(tokens: int) -> float:
     model = source_decoder(64, attn_implementation="bench_no_attention")
     token = torch.zeros(1, 1, dtype=torch.long)
     model(token, use_cache=False)  # warm-up
-    return mean_seconds(lambda: model(token, use_cache=False), tokens) * 1000
+    return median_of_calls(lambda: model(token, use_cache=False), tokens) * 1000
 
 
 def cache_bytes(cache) -> int:
@@ -93,7 +94,7 @@ def measure(model, context: int, tokens: int, cache=None) -> dict[str, float]:
     start = time.perf_counter()  # once: a second prefill would find the cache already full
     prefill()
     prefill_s = time.perf_counter() - start
-    ms_per_token = mean_seconds(step, tokens) * 1000  # (after two warm-up tokens)
+    ms_per_token = median_of_calls(step, tokens) * 1000  # (after two warm-up tokens)
     return {"prefill_s": prefill_s, "ms_per_token": ms_per_token, "cache_bytes": cache_bytes(cache)}
 
 
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
     parser.add_argument("--methods", nargs="+", default=[*METHODS, FULL_GROWING], choices=[*METHODS, FULL_GROWING])
-    parser.add_argument("--tokens", type=int, default=16, help="tokens decoded per context")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per context")
     parser.add_argument("--out", default="outputs/benchmarks", help="folder for decode.md/.json/.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))

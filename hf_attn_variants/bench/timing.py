@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import resource
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -26,6 +28,23 @@ def mean_seconds(fn: Callable[[], object], number: int) -> float:
     """Mean seconds of ``number`` calls of ``fn`` (Timer.timeit: two warm-up calls first), for calls that differ
     from one another (each decodes the next token, each takes the next batch)."""
     return _timer(fn).timeit(number).mean
+
+
+def median_of_calls(fn: Callable[[], object], number: int) -> float:
+    """Median seconds of ``number`` successive calls of ``fn``, each timed alone (device-synchronised), after two
+    warm-up calls: for calls that differ from one another (each decodes the next token), robust to the spikes of a
+    shared machine that a mean absorbs. (Timer times blocks of calls, not single ones.)"""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    fn()
+    seconds = []
+    for _ in range(number):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 @dataclasses.dataclass
