@@ -53,12 +53,18 @@ def test_recurrent_steps_equal_the_parallel_pass_and_the_cache_does_not_grow():
     assert sizes[20] == sizes[59] > 0  # running sums: the same bytes at 21 and 60 tokens of context
 
 
-def test_left_padded_batch_generates_what_each_row_generates_alone():
-    model = hv.convert(tiny_model("llama"), attention="performer", **SETTINGS)
+def left_padded_batch():
+    """(the short prompt, a batch of PROMPT and the short prompt left-padded by 6, its attention mask)."""
     short = PROMPT[:, 6:]
     batch = torch.cat([PROMPT, torch.cat([torch.full((1, 6), 2), short], dim=1)])
     mask = torch.ones_like(batch)
     mask[1, :6] = 0
+    return short, batch, mask
+
+
+def test_left_padded_batch_generates_what_each_row_generates_alone():
+    model = hv.convert(tiny_model("llama"), attention="performer", **SETTINGS)
+    short, batch, mask = left_padded_batch()
     together = _generate(model, batch, mask)
     assert torch.equal(together[0], _generate(model, PROMPT)[0])
     assert torch.equal(together[1, 6:], _generate(model, short)[0])
@@ -155,10 +161,7 @@ def test_growing_cache_falls_back_to_concatenation_under_autograd():
 
 def test_bigbird_cached_steps_equal_the_parallel_pass_with_left_padding():
     model = hv.convert(tiny_model("llama"), attention="bigbird", **BIGBIRD)
-    short = PROMPT[:, 6:]
-    batch = torch.cat([PROMPT, torch.cat([torch.full((1, 6), 2), short], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, :6] = 0
+    short, batch, mask = left_padded_batch()
     together = _generate(model, batch, mask, return_dict_in_generate=True)
     assert isinstance(together.past_key_values, GrowingCache)
     assert torch.equal(together.sequences[0], _generate(model, PROMPT)[0])
