@@ -26,7 +26,7 @@ from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaFor
 
 from ..conversion import convert
 from ..modeling import VARIANTS
-from ..modeling.decoding_caches import GrowingCache, RecurrentStateCache
+from ..modeling.decoding_caches import GrowingCache
 from ..modeling.modeling_attn_variants import decoding_cache
 from .timing import median_of_calls
 
@@ -60,20 +60,18 @@ def step_floor(tokens: int) -> float:
     AttentionInterface.register("bench_no_attention", _no_attention)
     model = source_decoder(64, attn_implementation="bench_no_attention")
     token = torch.zeros(1, 1, dtype=torch.long)
-    model(token, use_cache=False)  # warm-up
     return median_of_calls(lambda: model(token, use_cache=False), tokens) * 1000
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a cache: the recurrent states, or every layer's keys and values (with their spare capacity
-    where the layer keeps some)."""
-    if isinstance(cache, RecurrentStateCache):
-        return cache.nbytes()
-    held = [getattr(layer, "key_buffer", None) for layer in cache.layers]
-    held += [getattr(layer, "value_buffer", None) for layer in cache.layers]
-    if not any(t is not None for t in held):
-        held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    return sum(t.numel() * t.element_size() for t in held if t is not None)
+    """Bytes held by a cache: what each layer reports (recurrent states; growing buffers with their spare capacity),
+    else its keys and values (transformers' DynamicLayer)."""
+    def layer_bytes(layer) -> int:
+        if hasattr(layer, "nbytes"):
+            return layer.nbytes()
+        return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+
+    return sum(layer_bytes(layer) for layer in cache.layers)
 
 
 @torch.no_grad()

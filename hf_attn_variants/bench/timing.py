@@ -1,6 +1,7 @@
-"""Timing through torch.utils.benchmark's Timer (device-synchronised, this process's thread count): the median of
-runs filling a time budget, or the mean of a fixed number of calls; one benchmark configuration in this process;
-the machine's matmul throughput."""
+"""Timing: through torch.utils.benchmark's Timer (device-synchronised, this process's thread count), the median of
+runs filling a time budget or the mean of a fixed number of calls; by hand, the median of single calls timed alone
+(decoding steps, which Timer cannot time one by one). One benchmark configuration in this process; the machine's
+matmul throughput."""
 
 from __future__ import annotations
 

@@ -164,6 +164,11 @@ class GrowingLayer(DynamicLayer):
         super().reset()
         self.key_buffer = self.value_buffer = None
 
+    def nbytes(self) -> int:
+        """Bytes held: the buffers with their spare capacity (or the concatenated keys and values under autograd)."""
+        held = (self.key_buffer, self.value_buffer) if self.key_buffer is not None else (self.keys, self.values)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
 
 class GrowingCache(Cache):
     """A cache of ``GrowingLayer``s: a key/value cache whose per-token cost does not grow with the context."""
