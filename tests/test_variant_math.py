@@ -363,7 +363,8 @@ def test_linformer_default_folding_is_exact_up_to_k_tokens_with_padding(length):
 
 def lsh_reference(q, k, v, rotations, key_mask, causal, settings):
     """LSH's definition, densely (N x N masks; small N only): each query attends its positional window and the
-    `c` same-bucket keys nearest it in (bucket, position) order; rounds combined by log-sum-exp."""
+    `c` same-bucket keys nearest it in (bucket, position) order; rounds combined by log-sum-exp. Non-causal keys
+    are hashed less the mean of the real keys."""
     from hf_attn_variants.modeling.lsh_attention import hash_buckets, local_window_start
 
     lq, lk = q.shape[2], k.shape[2]
@@ -373,10 +374,12 @@ def lsh_reference(q, k, v, rotations, key_mask, causal, settings):
     keys = torch.arange(lk)
     local = (keys >= start[..., None]) & (keys < start[..., None] + c)  # (B or 1, Lq, Lk)
     real = torch.ones(B, lk, dtype=torch.bool) if key_mask is None else key_mask
+    weights = real[:, None, :, None].to(k.dtype)
+    hashed = k if causal else k - (k * weights).sum(2, keepdim=True) / weights.sum(2, keepdim=True)
     outs, lses = [], []
     for rotation in rotations:
         qb = hash_buckets(q, rotation, settings.num_buckets)
-        kb = hash_buckets(k, rotation, settings.num_buckets).masked_fill(~real[:, None], settings.num_buckets)
+        kb = hash_buckets(hashed, rotation, settings.num_buckets).masked_fill(~real[:, None], settings.num_buckets)
         allowed = torch.zeros(B, H, lq, lk, dtype=torch.bool)
         for b in range(B):
             for h in range(H):
@@ -413,6 +416,25 @@ def test_lsh_blocked_computation_matches_its_definition(seed, causal, divisor):
     expected = lsh_reference(q, k, v, rotations, mask, causal, settings)
     torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1, :, : N - 9], expected[1, :, : N - 9], atol=1e-5, rtol=1e-5)
+
+
+def test_lsh_encoder_buckets_do_not_move_when_every_key_shifts():
+    """Softmax attention ignores a shift shared by all keys; non-causal LSH hashes centred keys, so its buckets, and
+    its output, ignore it too (raw keys moved by a shared bias crowd into the buckets the bias points to). N = 50 >
+    c = 6: the bucket windows run."""
+    q, k, v = qkv(seed=3)
+    mask = right_padding(pad=9)
+    settings = LSHSettings(bucket_size=6, num_hashes=2, num_buckets=4)
+    rotations = torch.randn(2, D, 2, generator=torch.Generator().manual_seed(3))
+    shift = 3.0 * torch.randn(1, H, 1, D, generator=torch.Generator().manual_seed(4))
+    padded_keys = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(5)) * 50  # must not enter the mean
+    k_moved = torch.where(mask[:, None, :, None], k + shift, padded_keys)
+    out = lsh_attention(q, k, v, rotations, mask, False, SCALE, settings)
+    moved = lsh_attention(q, k_moved, v, rotations, mask, False, SCALE, settings)
+    torch.testing.assert_close(moved[0], out[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moved[1, :, : N - 9], out[1, :, : N - 9], atol=1e-5, rtol=1e-5)
+    raw = lsh_attention(q, k_moved, v, rotations, mask, True, SCALE, settings)  # causal layers hash raw keys
+    assert (raw - lsh_attention(q, k, v, rotations, mask, True, SCALE, settings)).abs().max() > 1e-2
 
 
 def dense_hybrid_attention(q, k, v, features, causal, window):
