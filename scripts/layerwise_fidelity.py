@@ -59,6 +59,18 @@ def measure_long(student, tokenizer, source: str, articles, lengths: list[int], 
     return [row["cosine"] for row in report["rows"]]
 
 
+def kept_rows(path: str, columns: int) -> dict[str, str]:
+    """The table rows of an earlier output, by case label (only rows with ``columns`` cells: the same --long)."""
+    labels = {label for label, *_ in CASES}
+    try:
+        with open(path) as handle:
+            rows = [line.rstrip("\n") for line in handle if line.startswith("| ")]
+    except FileNotFoundError:
+        return {}
+    cells = {row.split(" | ")[0][2:]: row for row in rows}
+    return {label: row for label, row in cells.items() if label in labels and len(row.split("|")) == columns}
+
+
 def spread(cut, articles, count: int) -> list[str]:
     """``count`` passages taken round-robin over the articles (not all from the first, longest ones)."""
     per_article = [cut([a], 400) for a in articles]
@@ -81,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--long", default="2048,4096",
                         help="longer lengths measured after training against the extended full model ('' = none)")
     parser.add_argument("--long-windows", type=int, default=4)
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the rows of the cases run in an existing --output (same columns)")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -146,9 +160,12 @@ def main(argv=None) -> int:
         "| " + " | ".join(f"{n} tokens" for n in long_lengths) + " | steps | lr | CPU min (process time) |",
         "|---|---|---|---|" + "---|" * len(long_lengths) + "---|---|---|",
     ]
-    lines += [f"| {label} | {b[0]:.4f} → {a[0]:.4f} | {b[1]:.3f} → {a[1]:.3f} | {b[2]:.4f} → {a[2]:.4f} | "
-              + "".join(f"{c:.4f} | " for c in long_cosines) + f"{steps} | {lr or '-'} | {minutes:.1f} |"
-              for label, b, a, steps, minutes, lr, long_cosines in rows]
+    table = {label: f"| {label} | {b[0]:.4f} → {a[0]:.4f} | {b[1]:.3f} → {a[1]:.3f} | {b[2]:.4f} → {a[2]:.4f} | "
+             + "".join(f"{c:.4f} | " for c in long_cosines) + f"{steps} | {lr or '-'} | {minutes:.1f} |"
+             for label, b, a, steps, minutes, lr, long_cosines in rows}
+    if args.update:  # keep the rows of cases not run this time
+        table = {**kept_rows(args.output, len(lines[-1].split("|"))), **table}
+    lines += [table[label] for label, *_ in CASES if label in table]
     with open(args.output, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"wrote {args.output}")

@@ -184,3 +184,17 @@ def test_a_stage_that_lowers_short_input_fidelity_is_undone(bert_with_tokenizer,
     for name, tensor in final.state_dict().items():
         if not name.startswith("pooler."):  # not in the masked-LM checkpoint: drawn afresh at each load
             assert torch.equal(tensor, reference[name]), name
+
+
+def test_every_shipped_recipe_loads_and_its_settings_validate():
+    """configs/*.yaml are what users run: each must parse as a recipe and name valid variant settings."""
+    from pathlib import Path
+
+    from hf_attn_variants.modeling.variant_registry import resolve_settings
+
+    recipes = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(recipes) >= 12
+    for path in recipes:
+        recipe = load_recipe(path)
+        if recipe.attention:
+            resolve_settings(recipe.attention, recipe.settings)
