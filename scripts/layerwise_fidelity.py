@@ -59,16 +59,31 @@ def measure_long(student, tokenizer, source: str, articles, lengths: list[int], 
     return [row["cosine"] for row in report["rows"]]
 
 
+def case_rank(row_label: str) -> tuple[int, int]:
+    """Table order: the order of CASES, each case before its long-trained version."""
+    for rank, (label, *_) in enumerate(CASES):
+        if row_label.startswith(label):
+            return rank, len(row_label)
+    return len(CASES), 0
+
+
 def kept_rows(path: str, columns: int) -> dict[str, str]:
-    """The table rows of an earlier output, by case label (only rows with ``columns`` cells: the same --long)."""
-    labels = {label for label, *_ in CASES}
+    """The table rows of an earlier output, by row label (only rows with ``columns`` cells: the same --long)."""
     try:
         with open(path) as handle:
             rows = [line.rstrip("\n") for line in handle if line.startswith("| ")]
     except FileNotFoundError:
         return {}
     cells = {row.split(" | ")[0][2:]: row for row in rows}
-    return {label: row for label, row in cells.items() if label in labels and len(row.split("|")) == columns}
+    return {label: row for label, row in cells.items()
+            if case_rank(label)[0] < len(CASES) and len(row.split("|")) == columns}
+
+
+def mixed(short: list, long: list, seed: int) -> list:
+    """The batches of both lists in one shuffled order (so neither length comes last in an epoch)."""
+    batches = short + long
+    random.Random(seed).shuffle(batches)
+    return batches
 
 
 def spread(cut, articles, count: int) -> list[str]:
@@ -93,6 +108,9 @@ def main(argv=None) -> int:
     parser.add_argument("--long", default="2048,4096",
                         help="longer lengths measured after training against the extended full model ('' = none)")
     parser.add_argument("--long-windows", type=int, default=4)
+    parser.add_argument("--long-train", default="",
+                        help="LENGTH:STEPS: each epoch also trains STEPS batches of one LENGTH-token window of the "
+                             "training articles, against the full model with the same tiled positions")
     parser.add_argument("--update", action="store_true",
                         help="replace only the rows of the cases run in an existing --output (same columns)")
     args = parser.parse_args(argv)
@@ -111,34 +129,47 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = AutoModel.from_pretrained(path).eval()
     held_out = text_batches(tokenizer, word_passages(train_articles[-3:], 400)[:8], 512, args.batch_size)
+    long_length, long_steps = (int(x) for x in args.long_train.split(":")) if args.long_train else (0, 0)
+    long_texts = word_passages(train_articles[:-3], long_length * 3 // 4) if long_steps else []
+    random.Random(1).shuffle(long_texts)
+    if long_steps:  # positions tiled to the longest length; up to 512 the same model as the original
+        held_out += text_batches(tokenizer, word_passages(train_articles[-3:], long_length * 3 // 4)[:2],
+                                 long_length, 1)
     needed = args.steps_per_epoch * args.batch_size
+    long_lengths = [int(x) for x in args.long.split(",") if x]
+    positions = max([512, long_length, *long_lengths])  # tiled positions: identical to the original's up to 512
+    # the teacher of long windows: the original with the same tiled positions (up to 512 tokens the original itself)
+    target = hv.convert(teacher, attention="full", max_position_embeddings=positions).eval() if long_steps else teacher
+    suffix = f" + {long_steps} windows of {long_length} tokens per epoch" if long_steps else ""
     rows = []
     wanted = [c.strip() for c in args.cases.split(",")] if args.cases else None
     for label, variant, settings, lr, case_epochs in CASES:
         epoch_count = case_epochs or args.epochs
         if wanted and not any(w in label for w in wanted):
             continue
-        long_lengths = [int(x) for x in args.long.split(",") if x]
-        positions = max([512, *long_lengths])  # tiled positions: identical to the original's up to 512
         student = hv.convert(teacher, attention=variant, max_position_embeddings=positions, **settings).eval()
         start = time.process_time()
         before = (*fidelity(teacher, student, tokenizer, eval_passages),
                   fidelity(teacher, student, tokenizer, eval_sentences)[0])
         after, steps = before, 0
         if lr is not None:
-            epochs = iter([  # each epoch its own slice of the training texts
-                text_batches(tokenizer, train_texts[(e * needed) % len(train_texts) :][:needed], 512, args.batch_size)
+            epochs = iter([  # each epoch its own slice of the training texts (and of the long windows)
+                mixed(text_batches(tokenizer, train_texts[(e * needed) % len(train_texts) :][:needed], 512,
+                                   args.batch_size),
+                      text_batches(tokenizer, long_texts[(e * long_steps) % max(len(long_texts), 1) :][:long_steps],
+                                   long_length, 1) if long_steps else [], seed=e)
                 for e in range(epoch_count)
             ])
-            transfer = LayerwiseTransfer(student, teacher, lr=lr)
+            transfer = LayerwiseTransfer(student, target, lr=lr)
             result = transfer.fit(lambda epochs=epochs: next(epochs), held_out, epochs=epoch_count)
             steps = result["steps"]
             after = (*fidelity(teacher, student, tokenizer, eval_passages),
                      fidelity(teacher, student, tokenizer, eval_sentences)[0])
         minutes = (time.process_time() - start) / 60
         long_cosines = measure_long(student, tokenizer, path, eval_articles, long_lengths, args.long_windows)
-        rows.append((label, before, after, steps, minutes, lr, long_cosines))
-        print(f"{label}: passages {before[0]:.4f} -> {after[0]:.4f}, retrieval {before[1]:.3f} -> {after[1]:.3f}, "
+        rows.append((label + suffix, before, after, steps, minutes, lr, long_cosines))
+        print(f"{label + suffix}: passages {before[0]:.4f} -> {after[0]:.4f}, "
+              f"retrieval {before[1]:.3f} -> {after[1]:.3f}, "
               f"sentences {before[2]:.4f} -> {after[2]:.4f}, "
               f"long {long_cosines}, {steps} steps, {minutes:.1f} CPU-min", flush=True)
     lines = [
@@ -148,7 +179,8 @@ def main(argv=None) -> int:
         "mean-pooled embeddings to the original. Evaluation: "
         f"{len(eval_passages)} passages of 400 words (512 tokens) and {len(eval_sentences)} sentences from the "
         f"{len(eval_articles)} held-out Wikipedia articles (never trained on). Training: epochs of up to "
-        f"{args.steps_per_epoch} steps (see the steps column), batch {args.batch_size}, "
+        "`--steps-per-epoch` steps (each row's total is in the steps column; rows that say so add windows of longer "
+        f"training text, batch 1, against the original with tiled positions), batch {args.batch_size}, "
         f"{'passages' if args.passages_only else 'passages and sentences'} of the "
         f"{len(train_articles)} training articles, AdamW, MSE x1000 on each layer's attention output "
         "given the teacher's input to that layer; only the variant's own parameters train.",
@@ -165,7 +197,7 @@ def main(argv=None) -> int:
              for label, b, a, steps, minutes, lr, long_cosines in rows}
     if args.update:  # keep the rows of cases not run this time
         table = {**kept_rows(args.output, len(lines[-1].split("|"))), **table}
-    lines += [table[label] for label, *_ in CASES if label in table]
+    lines += [table[label] for label in sorted(table, key=case_rank)]
     with open(args.output, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"wrote {args.output}")
