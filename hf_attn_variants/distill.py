@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,20 +129,65 @@ class DistillationTrainer(Trainer):
 
 
 def _layerwise_stage(student, teacher, tokenizer, recipe, data, options: dict) -> dict[str, float]:
-    """Layer-wise attention transfer (``stages: [layerwise, ...]``): teacher-forced, the variant's own parameters
-    only; options ``layerwise: {lr, epochs, batch_size, loss_scale}``. Held out: the validation texts."""
+    """Layer-wise attention transfer (``stages: [layerwise]``): teacher-forced, the variant's own parameters only;
+    options ``layerwise: {lr, epochs, batch_size, loss_scale, long_texts, long_length, long_windows}``. Held out:
+    the validation texts.
+
+    ``long_texts`` (a jsonl of articles, e.g. outputs/data/wiki/train.jsonl): ``long_windows`` windows of
+    ``long_length`` tokens cut from it (batch 1) join every epoch, shuffled in with the short batches; their teacher
+    is the source converted to ``full`` with the student's tiled positions (up to the source's own positions, the
+    source itself). The student needs ``max_position_embeddings >= long_length`` in the recipe."""
+    import random
+
     from .attention_transfer import LayerwiseTransfer, text_batches
 
-    settings = {"lr": 1e-2, "epochs": 3, "batch_size": 4, "loss_scale": 1000.0, **options.get("layerwise", {})}
+    settings = {"lr": 1e-2, "epochs": 3, "batch_size": 4, "loss_scale": 1000.0, "long_texts": None,
+                "long_length": 2048, "long_windows": 0, **options.get("layerwise", {})}
     column, length = recipe.data.text_column, recipe.data.max_length
     train = text_batches(tokenizer, data["train"][column], length, settings["batch_size"])
     split = "validation" if "validation" in data else "train"
     held_out = text_batches(tokenizer, data[split][column], length, settings["batch_size"])
+    if settings["long_texts"] and settings["long_windows"]:
+        train += long_window_batches(tokenizer, settings["long_texts"], settings["long_length"],
+                                     settings["long_windows"])
+        teacher = extended_teacher(teacher, student)
+    order = random.Random(recipe.seed)
+
+    def epoch() -> list:
+        order.shuffle(train)
+        return train
+
     transfer = LayerwiseTransfer(student, teacher, lr=settings["lr"], loss_scale=settings["loss_scale"])
-    result = transfer.fit(lambda: train, held_out, epochs=settings["epochs"])
+    result = transfer.fit(epoch, held_out, epochs=settings["epochs"])
     return {"layerwise_seconds": result["seconds"], "layerwise_steps": result["steps"],
             "layerwise_loss_before": sum(x for x in result["eval_loss_before"] if x == x),
             "layerwise_loss_after": sum(x for x in result["eval_loss_after"] if x == x)}
+
+
+def long_window_batches(tokenizer, path: str, length: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of one window of up to ``length`` tokens each (3/4 as many words), cut consecutively from
+    the articles of a jsonl file ({"text": ...} rows)."""
+    from .attention_transfer import text_batches
+    from .corpora import load_articles, word_passages
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"layerwise long_texts {path} does not exist; run python scripts/prepare_data.py.")
+    windows = word_passages(load_articles(path), length * 3 // 4, count=count)
+    if len(windows) < count:
+        raise ValueError(f"layerwise long_texts {path} holds only {len(windows)} windows of {length * 3 // 4} words; "
+                         f"lower long_windows to {len(windows)} or long_length.")
+    return text_batches(tokenizer, windows, length, 1)
+
+
+def extended_teacher(teacher, student):
+    """The teacher as a ``full`` model with the student's (tiled) positions, when the student has more positions
+    than the teacher; otherwise the teacher itself."""
+    from .conversion import convert
+
+    positions = getattr(student.config, "max_position_embeddings", None)
+    if positions is None or positions <= getattr(teacher.config, "max_position_embeddings", positions):
+        return teacher
+    return convert(teacher, attention="full", max_position_embeddings=positions).eval()
 
 
 @dataclasses.dataclass

@@ -198,3 +198,43 @@ def test_every_shipped_recipe_loads_and_its_settings_validate():
         recipe = load_recipe(path)
         if recipe.attention:
             resolve_settings(recipe.attention, recipe.settings)
+
+
+def test_layerwise_recipe_mixes_in_long_windows_taught_by_the_extended_teacher(bert_with_tokenizer, tmp_path):
+    """`layerwise: {long_texts, long_length, long_windows}`: that many windows longer than the source's positions
+    join every epoch (one step each), against the source converted to full with the student's tiled positions; the
+    held-out loss still falls. A missing long_texts file is named in a one-line error."""
+    from hf_attn_variants.distill import extended_teacher
+
+    teacher_folder, data = teacher_and_data(bert_with_tokenizer, tmp_path)
+    articles = tmp_path / "articles.jsonl"
+    articles.write_text(json.dumps({"text": " ".join([LOCAL_TEXT] * 20)}) + "\n")
+
+    def run(layerwise: dict, name: str) -> dict:
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "model": str(teacher_folder), "attention": "performer", "max_position_embeddings": 128,
+            "settings": {"kernel": "learned", "num_features": 8},
+            "task": "feature-extraction", "data": {"train": str(data), "validation": str(data), "max_length": 32},
+            "output_dir": str(tmp_path / name),
+            "distill": {"stages": ["layerwise"], "layerwise": {"lr": 1e-2, "epochs": 10, "batch_size": 4, **layerwise}},
+        }))
+        return run_distill(load_recipe(recipe))
+
+    short = run({}, "short")
+    mixed = run({"long_texts": str(articles), "long_length": 96, "long_windows": 3}, "mixed")
+    assert mixed["layerwise_steps"] == short["layerwise_steps"] + 10 * 3, (short, mixed)
+    assert mixed["layerwise_loss_after"] < 0.9 * mixed["layerwise_loss_before"], mixed
+    with pytest.raises(FileNotFoundError, match="long_texts .*missing.jsonl does not exist"):
+        run({"long_texts": str(tmp_path / "missing.jsonl"), "long_windows": 3}, "missing")
+
+    from transformers import AutoModel
+
+    source = AutoModel.from_pretrained(teacher_folder).eval()
+    student = hv.convert(source, attention="performer", max_position_embeddings=128)
+    extended = extended_teacher(source, student)
+    assert extended.config.max_position_embeddings == 128 and extended_teacher(source, source) is source
+    ids = torch.randint(5, 40, (1, 100))
+    assert extended(input_ids=ids).last_hidden_state.shape == (1, 100, 32)  # past the source's 64 positions
+    torch.testing.assert_close(extended(input_ids=ids[:, :40]).last_hidden_state,
+                               source(input_ids=ids[:, :40]).last_hidden_state, atol=1e-5, rtol=1e-5)
