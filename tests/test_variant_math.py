@@ -504,3 +504,39 @@ def test_linformer_equals_its_definition_with_random_projections(heads, padded):
     expected = torch.softmax(scores, -1) @ value_low
     out, _ = linformer_attention(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, proj_k, proj_v, mask, SCALE)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bigbird_select_positions_reads_a_cache_view_like_index_select():
+    """Decoding gathers keys from a growing cache's strided view by buffer rows; the result must equal
+    index_select along the sequence, for views, contiguous tensors and layouts it cannot use (transposed)."""
+    from hf_attn_variants.modeling.bigbird_attention import select_positions
+
+    buffer = torch.randn(3, 4, 40, D, generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([0, 5, 6, 7, 20, 26, 25])
+    for x in (buffer[:, :, :27], buffer[1:, 1:3, 2:29], buffer.clone(),
+              buffer.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :27]):
+        assert torch.equal(select_positions(x, index), x.index_select(2, index))
+
+
+def test_bigbird_last_block_selection_is_kept_per_block_and_follows_new_weights():
+    """The decoding step's key selection is computed once per key block and equals block_selection's; writing
+    new random blocks into the state (as loading weights does) recomputes it."""
+    from hf_attn_variants.modeling.bigbird_attention import BigBirdState, block_selection
+
+    settings = sparse_bigbird()
+    state = BigBirdState(settings, num_heads=H, head_dim=D, max_positions=200, seed=0)
+    state.reset_parameters()
+
+    def expected(nk):
+        selected, valid = block_selection(torch.tensor([nk - 1]), nk, settings, state.table(nk), True)
+        positions = (selected[:, :, None] * settings.block_size + torch.arange(settings.block_size)).flatten()
+        return positions, valid[0].repeat_interleave(settings.block_size)
+
+    first = state.last_block_keys(12)
+    assert state.last_block_keys(12)[0] is first[0]  # kept
+    assert all(torch.equal(a, b) for a, b in zip(first, expected(12), strict=True))
+    with torch.no_grad():
+        state.random_table.copy_(torch.rand(state.random_table.shape, generator=torch.Generator().manual_seed(9)))
+    renewed = state.last_block_keys(12)
+    assert renewed[0] is not first[0] and not torch.equal(renewed[0], first[0])
+    assert all(torch.equal(a, b) for a, b in zip(renewed, expected(12), strict=True))

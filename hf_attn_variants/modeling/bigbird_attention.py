@@ -67,6 +67,21 @@ class BigBirdState(VariantState):
         values = torch.rand(self.random_table.shape, generator=self.generator(), dtype=torch.float32)
         self.random_table.copy_(values.to(self.random_table.device, self.random_table.dtype))
 
+    def last_block_keys(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal decoding's key positions [S*b] (clamped into the blocks) and whether each slot is valid [S*b]
+        for a query in the last of ``num_blocks`` key blocks. A step's selection depends on the block count alone,
+        so it is computed once per block of b decoded tokens and kept (keyed on the table's identity and version:
+        loading new weights recomputes it)."""
+        key = (num_blocks, self.random_table.data_ptr(), self.random_table._version, self.random_table.device)
+        if getattr(self, "_last_block_memo", (None,))[0] != key:
+            b = self.settings.block_size
+            device = self.random_table.device
+            selected, slot_valid = block_selection(torch.tensor([num_blocks - 1], device=device), num_blocks,
+                                                   self.settings, self.table(num_blocks), True)
+            key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).flatten()  # (S*b,)
+            self._last_block_memo = (key, key_pos, slot_valid[0].repeat_interleave(b))
+        return self._last_block_memo[1], self._last_block_memo[2]
+
     def table(self, num_blocks: int) -> torch.Tensor:
         """The first ``num_blocks`` rows; rows past the saved table continue the same seeded stream."""
         rows = self.random_table.shape[0]
@@ -151,6 +166,7 @@ def block_sparse_attention(
     random_table: torch.Tensor,
     dropout: float = 0.0,
     group_elements: int = GROUP_ELEMENTS,
+    selection: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Functional core (always sparse). query [B, H, Lq, D] at positions Lk-Lq.., key/value [B, H, Lk, D],
     key_mask [B, Lk] bool or None, random_table [>= number of key blocks, r]. Returns [B, H, Lq, D].
@@ -166,7 +182,8 @@ def block_sparse_attention(
     offset = lk - lq
     first_qb = offset // b
     if is_causal and first_qb == nk - 1:  # decoding: every query is in the last block
-        return last_block_attention(query, key, value, key_mask, scaling, settings, random_table, dropout)
+        return last_block_attention(query, key, value, key_mask, scaling, settings, random_table, dropout,
+                                    selection)
     nq = nk - first_qb
     q_lead = offset - first_qb * b  # query rows before the first real query in its block
     query = nn.functional.pad(query, (0, 0, q_lead, nq * b - q_lead - lq)).view(bsz, heads, nq, b, dim)
@@ -198,30 +215,51 @@ def last_block_attention(
     settings: BigBirdSettings,
     random_table: torch.Tensor,
     dropout: float = 0.0,
+    selection: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal queries that all lie in the last key block (a decoding step): the block's S*b selected keys are
     gathered once and the Lq real queries attend them directly, instead of padding the queries to a whole block.
-    Same arguments and result as ``block_sparse_attention``; O(Lq S b) whatever the context length."""
+    Same arguments and result as ``block_sparse_attention``; O(Lq S b) whatever the context length. selection:
+    ``BigBirdState.last_block_keys`` (key positions, slot validity), computed here when not given."""
     lq, lk = query.shape[2], key.shape[2]
     b = settings.block_size
     nk = -(-lk // b)
     device = query.device
-    selected, slot_valid = block_selection(torch.tensor([nk - 1], device=device), nk, settings, random_table, True)
-    key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).flatten()  # (S*b,)
+    if selection is None:
+        selected, slot_valid = block_selection(torch.tensor([nk - 1], device=device), nk, settings, random_table,
+                                               True)
+        key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).flatten()  # (S*b,)
+        selection = key_pos, slot_valid[0].repeat_interleave(b)
+    key_pos, slot_ok = selection
     query_pos = torch.arange(lk - lq, lk, device=device)
-    allowed = slot_valid[0].repeat_interleave(b) & (key_pos < lk)  # (S*b,)
-    allowed = allowed & (key_pos[None, :] <= query_pos[:, None])  # (Lq, S*b)
+    allowed = slot_ok & (key_pos[None, :] <= query_pos[:, None])  # (Lq, S*b); also refuses positions >= lk
     index = key_pos.clamp_max(lk - 1)
     if key_mask is not None:
         allowed = allowed[None] & key_mask[:, index][:, None, :]  # (B, Lq, S*b)
     dtype = compute_dtype(query.dtype)
-    keys, values = key.index_select(2, index).to(dtype), value.index_select(2, index).to(dtype)
+    keys, values = select_positions(key, index).to(dtype), select_positions(value, index).to(dtype)
     scores = torch.matmul(query.to(dtype), keys.transpose(-1, -2)) * scaling  # [B, H, Lq, S*b]
     scores = scores.masked_fill(~allowed.unsqueeze(-3), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row without keys (all padding) gives zeros
     if dropout > 0.0:
         probs = nn.functional.dropout(probs, p=dropout)
     return torch.matmul(probs, values).to(query.dtype)
+
+
+def select_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[:, :, index] for x [B, H, L, D] and index [K]. A decoding cache's keys are a strided view of a larger
+    buffer; rows of that buffer are gathered directly (one index_select over [rows, D], ~3x faster here than
+    index_select along dim 2 of the view), without copying the view."""
+    bsz, heads, _, dim = x.shape
+    strides = x.stride()
+    if strides[3] != 1 or strides[2] != dim or strides[0] % dim or strides[1] % dim:
+        return x.index_select(2, index)
+    first = torch.arange(bsz, device=x.device)[:, None] * (strides[0] // dim) + torch.arange(
+        heads, device=x.device) * (strides[1] // dim)  # (B, H) first row of each (b, h)
+    rows = (first[..., None] + index).reshape(-1)
+    span = (bsz - 1) * (strides[0] // dim) + (heads - 1) * (strides[1] // dim) + x.shape[2]  # rows the view spans
+    flat = x.as_strided((span, dim), (dim, 1))  # from the view's own storage offset
+    return flat.index_select(0, rows).view(bsz, heads, index.shape[0], dim)
 
 
 def bigbird_attention_forward(
@@ -248,7 +286,10 @@ def bigbird_attention_forward(
             )
             return exact_attention(q, k, v, None, is_causal, call.scaling, dropout)
         table = call.state.table(num_key_blocks)
-        return block_sparse_attention(q, k, v, None, is_causal, call.scaling, settings, table, dropout)
+        decoding = is_causal and (k.shape[2] - q.shape[2]) // settings.block_size == num_key_blocks - 1
+        selection = call.state.last_block_keys(num_key_blocks) if decoding else None
+        return block_sparse_attention(q, k, v, None, is_causal, call.scaling, settings, table, dropout,
+                                      selection=selection)
 
     # The block grid, global and random blocks are counted over real tokens only: padding cannot move an output.
     return interface_output(per_unpadded_row(attend, query, call.key, call.value, call.key_mask))

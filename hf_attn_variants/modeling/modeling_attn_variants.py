@@ -101,7 +101,10 @@ def uses_recurrent_decoding(config) -> bool:
 
 
 def _step_variant_states(model: torch.nn.Module, args) -> None:
-    """Forward pre-hook: count one model forward on every variant state that counts them (Performer's redraw)."""
+    """Forward pre-hook: count one model forward on every variant state that counts them (Performer's redraw).
+    Only training forwards count, so inference (a decoding step) skips the walk over the modules."""
+    if not model.training:
+        return
     for module in model.modules():
         if isinstance(module, VariantState) and hasattr(module, "step"):
             module.step(model.training)
