@@ -68,18 +68,14 @@ class BigBirdState(VariantState):
         self.random_table.copy_(values.to(self.random_table.device, self.random_table.dtype))
 
     def last_block_keys(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal decoding's key positions [S*b] (clamped into the blocks) and whether each slot is valid [S*b]
-        for a query in the last of ``num_blocks`` key blocks. A step's selection depends on the block count alone,
-        so it is computed once per block of b decoded tokens and kept (keyed on the table's identity and version:
-        loading new weights recomputes it)."""
-        key = (num_blocks, self.random_table.data_ptr(), self.random_table._version, self.random_table.device)
+        """``last_block_selection`` for this state's random blocks. A step's selection depends on the block count
+        alone, so it is computed once per block of b decoded tokens and kept (keyed on the table's identity and
+        version: loading new weights recomputes it)."""
+        table = self.random_table
+        key = (num_blocks, table.data_ptr(), table._version, table.device)
         if getattr(self, "_last_block_memo", (None,))[0] != key:
-            b = self.settings.block_size
-            device = self.random_table.device
-            selected, slot_valid = block_selection(torch.tensor([num_blocks - 1], device=device), num_blocks,
-                                                   self.settings, self.table(num_blocks), True)
-            key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).flatten()  # (S*b,)
-            self._last_block_memo = (key, key_pos, slot_valid[0].repeat_interleave(b))
+            self._last_block_memo = (key, *last_block_selection(num_blocks, self.settings, self.table(num_blocks),
+                                                                  table.device))
         return self._last_block_memo[1], self._last_block_memo[2]
 
     def table(self, num_blocks: int) -> torch.Tensor:
@@ -129,6 +125,17 @@ def block_selection(
     selected = torch.cat([window, glob, rand], dim=1).clamp(0, max(num_key_blocks - 1, 0))
     valid = torch.cat([window_valid, glob_valid, rand_valid], dim=1)
     return selected, valid
+
+
+def last_block_selection(num_blocks: int, settings: BigBirdSettings, random_table: torch.Tensor, device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions [S*b] (may run past the keys) and slot validity [S*b] of a causal query in the last of
+    ``num_blocks`` key blocks."""
+    b = settings.block_size
+    selected, slot_valid = block_selection(torch.tensor([num_blocks - 1], device=device), num_blocks, settings,
+                                           random_table, True)
+    key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).flatten()
+    return key_pos, slot_valid[0].repeat_interleave(b)
 
 
 class BlockMask:
@@ -225,12 +232,7 @@ def last_block_attention(
     b = settings.block_size
     nk = -(-lk // b)
     device = query.device
-    if selection is None:
-        selected, slot_valid = block_selection(torch.tensor([nk - 1], device=device), nk, settings, random_table,
-                                               True)
-        key_pos = (selected[:, :, None] * b + torch.arange(b, device=device)).flatten()  # (S*b,)
-        selection = key_pos, slot_valid[0].repeat_interleave(b)
-    key_pos, slot_ok = selection
+    key_pos, slot_ok = selection or last_block_selection(nk, settings, random_table, device)
     query_pos = torch.arange(lk - lq, lk, device=device)
     allowed = slot_ok & (key_pos[None, :] <= query_pos[:, None])  # (Lq, S*b); also refuses positions >= lk
     index = key_pos.clamp_max(lk - 1)
