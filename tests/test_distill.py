@@ -227,6 +227,12 @@ def test_layerwise_recipe_mixes_in_long_windows_taught_by_the_extended_teacher(b
     assert mixed["layerwise_loss_after"] < 0.9 * mixed["layerwise_loss_before"], mixed
     with pytest.raises(FileNotFoundError, match="long_texts .*missing.jsonl does not exist"):
         run({"long_texts": str(tmp_path / "missing.jsonl"), "long_windows": 3}, "missing")
+    from transformers import AutoTokenizer
+
+    from hf_attn_variants.distill import long_window_batches
+
+    with pytest.raises(ValueError, match="holds only .* windows of 72 words; lower long_windows"):
+        long_window_batches(AutoTokenizer.from_pretrained(teacher_folder), str(articles), 96, 10_000)
 
     from transformers import AutoModel
 
