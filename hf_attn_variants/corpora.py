@@ -144,6 +144,12 @@ def load_articles(path: str | Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def words_for_tokens(tokens: int) -> int:
+    """Words per passage that fill about ``tokens`` WordPiece tokens of English Wikipedia (3/4 of them; longer
+    passages are truncated by the tokenizer)."""
+    return tokens * 3 // 4
+
+
 def word_passages(articles: list[dict[str, str]], words: int, count: int | None = None) -> list[str]:
     """Consecutive passages of ``words`` words, taken article by article (a passage never spans two articles)."""
     passages = []

@@ -165,16 +165,17 @@ def _layerwise_stage(student, teacher, tokenizer, recipe, data, options: dict) -
 
 
 def long_window_batches(tokenizer, path: str, length: int, count: int) -> list[dict[str, torch.Tensor]]:
-    """``count`` batches of one window of up to ``length`` tokens each (3/4 as many words), cut consecutively from
+    """``count`` batches of one window of up to ``length`` tokens each (``words_for_tokens``), cut consecutively from
     the articles of a jsonl file ({"text": ...} rows)."""
     from .attention_transfer import text_batches
-    from .corpora import load_articles, word_passages
+    from .corpora import load_articles, word_passages, words_for_tokens
 
     if not Path(path).exists():
         raise FileNotFoundError(f"layerwise long_texts {path} does not exist; run python scripts/prepare_data.py.")
-    windows = word_passages(load_articles(path), length * 3 // 4, count=count)
+    words = words_for_tokens(length)
+    windows = word_passages(load_articles(path), words, count=count)
     if len(windows) < count:
-        raise ValueError(f"layerwise long_texts {path} holds only {len(windows)} windows of {length * 3 // 4} words; "
+        raise ValueError(f"layerwise long_texts {path} holds only {len(windows)} windows of {words} words; "
                          f"lower long_windows to {len(windows)} or long_length.")
     return text_batches(tokenizer, windows, length, 1)
 

@@ -21,7 +21,7 @@ from transformers import logging as hf_logging
 
 import hf_attn_variants as hv
 from hf_attn_variants.attention_transfer import LayerwiseTransfer, text_batches
-from hf_attn_variants.corpora import load_articles, prepare_wikipedia, sentences, word_passages
+from hf_attn_variants.corpora import load_articles, prepare_wikipedia, sentences, word_passages, words_for_tokens
 from hf_attn_variants.demo import minilm_path
 from hf_attn_variants.evaluation import embedding_cosine, mean_pooled_embeddings, retrieval_agreement
 from hf_attn_variants.fidelity import evaluate_fidelity
@@ -130,10 +130,11 @@ def main(argv=None) -> int:
     teacher = AutoModel.from_pretrained(path).eval()
     held_out = text_batches(tokenizer, word_passages(train_articles[-3:], 400)[:8], 512, args.batch_size)
     long_length, long_steps = (int(x) for x in args.long_train.split(":")) if args.long_train else (0, 0)
-    long_texts = word_passages(train_articles[:-3], long_length * 3 // 4) if long_steps else []
+    long_words = words_for_tokens(long_length)
+    long_texts = word_passages(train_articles[:-3], long_words) if long_steps else []
     random.Random(1).shuffle(long_texts)
     if long_steps:  # positions tiled to the longest length; up to 512 the same model as the original
-        held_out += text_batches(tokenizer, word_passages(train_articles[-3:], long_length * 3 // 4)[:2],
+        held_out += text_batches(tokenizer, word_passages(train_articles[-3:], long_words)[:2],
                                  long_length, 1)
     needed = args.steps_per_epoch * args.batch_size
     long_lengths = [int(x) for x in args.long.split(",") if x]
