@@ -49,7 +49,7 @@ def test_layerwise_transfer_lowers_every_layers_held_out_loss(family, variant):
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if ".attn_variant." not in n}
     state_before = [[p.detach().clone() for p in variant_parameters(m)] for m in attention_modules(student)]
     train, held_out = _batches(12, seed=1), _batches(3, seed=2)
-    lr, gain = (1e-3, 0.99) if variant == "linformer" else (1e-2, 0.9)  # E/F are 0/1 position foldings
+    lr, gain = (1e-3, 0.99) if variant == "linformer" else (1e-2, 0.9)  # E/F start as 0/1 block poolings
     result = LayerwiseTransfer(student, teacher, lr=lr).fit(lambda: train, held_out, epochs=3, log=lambda _: None)
     for before, after in zip(result["eval_loss_before"], result["eval_loss_after"], strict=True):
         assert after < gain * before, result

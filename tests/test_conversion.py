@@ -187,7 +187,7 @@ def test_cli_convert_with_settings(saved_models, tmp_path, capsys):
                      "--set", "sharing=kv", "--max-positions", "256"])
     assert code == 0
     model = AutoModelForMaskedLM.from_pretrained(out)
-    assert model.config.attention_settings == {"k": 32, "max_length": None, "sharing": "kv"}
+    assert model.config.attention_settings == {"k": 32, "max_length": None, "sharing": "kv", "exact_first": 1}
     assert model.config.max_position_embeddings == 256
     state = model.bert.encoder.layer[0].attention.self.attn_variant
     assert state.proj_k.shape == (1, 32, 256) and state.proj_v is None

@@ -348,23 +348,48 @@ def test_sparse_variants_find_the_keys_that_matter(name):
     assert relative(APPROXIMATIONS[name](q, k, v, None, False)) < 0.35 * trivial
 
 
-@pytest.mark.parametrize("length", [N, 20])
-def test_linformer_default_folding_is_exact_up_to_k_tokens_with_padding(length):
-    from hf_attn_variants.modeling.linformer_attention import position_folding
+@pytest.mark.parametrize("length", [64, 32, 16])  # k and its divisors: every key lands in rows of its own
+def test_linformer_default_block_pooling_is_exact_up_to_k_tokens_with_padding(length):
+    from hf_attn_variants.modeling.linformer_attention import block_pooling
 
     q, k, v = qkv(length)
-    mask = right_padding(length, pad=7)
-    folding = position_folding(64, 128)[None]  # k = 64 >= length, max_length 128
-    out, _ = linformer_attention(q, k, v, folding, folding, mask, SCALE)
-    expected = reference(q, k, v, mask)
-    torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[1, :, : length - 7], expected[1, :, : length - 7], atol=1e-5, rtol=0)
+    mask = right_padding(length + 7, pad=7)  # row 1: `length` real keys, then 7 padded ones
+    k, v, q = (torch.cat([x, torch.randn(B, H, 7, D) * 50], 2) for x in (k, v, q))  # padding: large junk
+    pooling = block_pooling(64, 128)[None]  # k = 64, max_length 128: blocks of 2 positions
+    out, _ = linformer_attention(q, k, v, pooling, pooling, mask, SCALE)
+    expected = reference(q[:, :, :length], k[:, :, :length], v[:, :, :length])
+    torch.testing.assert_close(out[1, :, :length], expected[1], atol=1e-5, rtol=0)
+
+
+def test_linformer_projection_follows_relative_positions_at_any_length_and_padding():
+    """E is resampled to each row's real length: at 2k real keys block pooling pools adjacent pairs, whether the
+    row is padded on the right, on the left or not at all (and so is the exact first key)."""
+    from hf_attn_variants.modeling.linformer_attention import block_pooling, fitted_projection
+
+    pooling = block_pooling(8, 64)[None]  # k = 8, max_length 64
+    assert torch.equal(fitted_projection(pooling, 64, None)[0], pooling)
+    assert torch.equal(fitted_projection(pooling, 16, None)[0], block_pooling(8, 16)[None])  # adjacent pairs
+    q, k, v = qkv(16)
+    expected, _ = linformer_attention(q, k, v, block_pooling(8, 16)[None], block_pooling(8, 16)[None], None, SCALE)
+    first_exact, _ = linformer_attention(q, k, v, pooling, pooling, None, SCALE, exact_first=1)
+    pad = torch.randn(B, H, 5, D) * 50
+    for side in ("right", "left"):
+        pieces = (lambda x: torch.cat([x, pad], 2)) if side == "right" else (lambda x: torch.cat([pad, x], 2))
+        real = slice(0, 16) if side == "right" else slice(5, 21)
+        mask = torch.zeros(B, 21, dtype=torch.bool)
+        mask[:, real] = True
+        out, _ = linformer_attention(pieces(q), pieces(k), pieces(v), pooling, pooling, mask, SCALE)
+        torch.testing.assert_close(out[:, :, real], expected, atol=1e-5, rtol=0)
+        out, _ = linformer_attention(pieces(q), pieces(k), pieces(v), pooling, pooling, mask, SCALE, exact_first=1)
+        torch.testing.assert_close(out[:, :, real], first_exact, atol=1e-5, rtol=0)
+    assert not torch.allclose(expected, reference(q, k, v), atol=1e-2)  # pooled pairs: an approximation
 
 
 def lsh_reference(q, k, v, rotations, key_mask, causal, settings):
     """LSH's definition, densely (N x N masks; small N only): each query attends its positional window and the
     `c` same-bucket keys nearest it in (bucket, position) order; rounds combined by log-sum-exp. Non-causal keys
-    are hashed less the mean of the real keys."""
+    are hashed less the mean of the real keys, and the first `exact_first` real keys are in every round's set
+    instead of in a bucket."""
     from hf_attn_variants.modeling.lsh_attention import hash_buckets, local_window_start
 
     lq, lk = q.shape[2], k.shape[2]
@@ -376,10 +401,12 @@ def lsh_reference(q, k, v, rotations, key_mask, causal, settings):
     real = torch.ones(B, lk, dtype=torch.bool) if key_mask is None else key_mask
     weights = real[:, None, :, None].to(k.dtype)
     hashed = k if causal else k - (k * weights).sum(2, keepdim=True) / weights.sum(2, keepdim=True)
+    leading = torch.zeros_like(real) if causal else real & (real.cumsum(-1) <= settings.exact_first)
     outs, lses = [], []
     for rotation in rotations:
         qb = hash_buckets(q, rotation, settings.num_buckets)
-        kb = hash_buckets(hashed, rotation, settings.num_buckets).masked_fill(~real[:, None], settings.num_buckets)
+        kb = hash_buckets(hashed, rotation, settings.num_buckets).masked_fill(~real[:, None] | leading[:, None],
+                                                                              settings.num_buckets)
         allowed = torch.zeros(B, H, lq, lk, dtype=torch.bool)
         for b in range(B):
             for h in range(H):
@@ -392,7 +419,7 @@ def lsh_reference(q, k, v, rotations, key_mask, causal, settings):
                         first = max(min(len(before) - c // 2, len(same) - c), 0)
                         window = same[first : first + c]
                     allowed[b, h, i, window] = True
-        allowed = (allowed & ~local[:, None]) | (local[:, None] & real[:, None, None, :])
+        allowed = (allowed & ~local[:, None]) | (local[:, None] & real[:, None, None, :]) | leading[:, None, None, :]
         if causal:
             allowed = allowed & (keys[None, :] <= q_pos[:, None])
         scores = (q @ k.transpose(-1, -2) * SCALE).masked_fill(~allowed, float("-inf"))
@@ -488,21 +515,38 @@ def test_performer_hybrid_is_exact_within_one_window(causal):
 
 @pytest.mark.parametrize("heads", [1, H])  # shared by the heads (one matmul over the hidden width), or per head
 @pytest.mark.parametrize("padded", [False, True])
-def test_linformer_equals_its_definition_with_random_projections(heads, padded):
-    """Length-normalised Linformer, densely: row j of E K is the |E|-weighted mean of the real keys, its logit gets
-    + log sum_i |E_ji| over real positions; k = 8 < N, so the projection really compresses."""
+@pytest.mark.parametrize("exact_first", [0, 2])
+def test_linformer_equals_its_definition_with_random_projections(heads, padded, exact_first):
+    """Length-normalised Linformer, densely: E [k, M] is resampled to a row's n real keys (column i: the mean of
+    E's columns floor(i M / n) .. ceil((i + 1) M / n) - 1); row j of E K is the |E|-weighted mean of the real
+    keys, its logit gets + log sum_i |E_ji|; k = 8 < N, so the projection really compresses. The first
+    ``exact_first`` keys are attended exactly instead, and E covers the keys after them."""
     q, k, v = qkv()
     generator = torch.Generator().manual_seed(3)
-    proj_k, proj_v = (torch.randn(heads, 8, N + 5, generator=generator) for _ in range(2))
+    width = N + 5
+    proj_k, proj_v = (torch.randn(heads, 8, width, generator=generator) for _ in range(2))
     mask = right_padding(N, pad=9) if padded else None
-    real = torch.ones(B, N) if mask is None else mask.float()
-    e_k, e_v = (p[..., :N].unsqueeze(0) * real[:, None, None, :] for p in (proj_k, proj_v))  # [B, heads, 8, N]
+    real = torch.ones(B, N, dtype=torch.bool) if mask is None else mask
+
+    f = exact_first
+
+    def resampled(proj):  # [B, heads, 8, N]
+        rows = []
+        for b in range(B):
+            n = int(real[b].sum()) - f
+            columns = [proj[..., i * width // n : -(-(i + 1) * width // n)].mean(-1) for i in range(n)]
+            rows.append(torch.nn.functional.pad(torch.stack(columns, -1), (f, N - n - f)))
+        return torch.stack(rows)
+
+    e_k, e_v = resampled(proj_k), resampled(proj_v)
     w_k, w_v = e_k.abs().sum(-1), e_v.abs().sum(-1)  # [B, heads, 8]
-    key_low = (e_k @ k) / w_k[..., None]
-    value_low = (e_v @ v) / w_v[..., None]
-    scores = (q @ key_low.transpose(-1, -2)) * SCALE + torch.log(w_k)[:, :, None, :]
+    key_low = torch.cat([k[:, :, :f], (e_k @ k) / w_k[..., None]], 2)
+    value_low = torch.cat([v[:, :, :f], (e_v @ v) / w_v[..., None]], 2)
+    bias = torch.cat([torch.zeros(B, heads, f), torch.log(w_k)], -1)
+    scores = (q @ key_low.transpose(-1, -2)) * SCALE + bias[:, :, None, :]
     expected = torch.softmax(scores, -1) @ value_low
-    out, _ = linformer_attention(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, proj_k, proj_v, mask, SCALE)
+    out, _ = linformer_attention(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, proj_k, proj_v, mask, SCALE,
+                                 exact_first=f)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -540,3 +584,24 @@ def test_bigbird_last_block_selection_is_kept_per_block_and_follows_new_weights(
     renewed = state.last_block_keys(12)
     assert renewed[0] is not first[0] and not torch.equal(renewed[0], first[0])
     assert all(torch.equal(a, b) for a, b in zip(renewed, expected(12), strict=True))
+
+
+def test_a_heavy_first_key_is_attended_exactly_by_lsh_and_linformer_encoders():
+    """An attention sink at position 0 ([CLS]: 10-21% of MiniLM's attention): with exact_first=1 every query
+    weighs it exactly, where LSH would find it only in a shared bucket and Linformer would pool it away."""
+    from hf_attn_variants.modeling.linformer_attention import block_pooling
+
+    q, k, v = qkv(64, seed=5)
+    k[:, :, 0] = 12 * q.mean(2) / q.mean(2).norm(dim=-1, keepdim=True) * D**0.5  # aligned with the mean query
+    expected = reference(q, k, v)
+    assert (torch.softmax(q @ k.transpose(-1, -2) * SCALE, -1)[..., 0].mean() > 0.5)  # really a sink
+
+    def error(out):
+        return ((out - expected).norm(dim=-1) / expected.norm(dim=-1)).mean().item()
+
+    lsh = {f: error(run_lsh(q, k, v, None, False, LSHSettings(bucket_size=8, num_hashes=2, num_buckets=8,
+                                                                 exact_first=f))) for f in (0, 1)}
+    pooling = block_pooling(16, 64)[None]
+    linformer = {f: error(linformer_attention(q, k, v, pooling, pooling, None, SCALE, exact_first=f)[0])
+                 for f in (0, 1)}
+    assert lsh[1] < 0.8 * lsh[0] and linformer[1] < 0.8 * linformer[0], (lsh, linformer)

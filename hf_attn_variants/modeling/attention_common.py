@@ -346,6 +346,21 @@ def per_unpadded_row(attend, query: torch.Tensor, key: torch.Tensor, value: torc
     return torch.cat(rows)
 
 
+def leading_keys(key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None,
+                 count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``count`` real keys and values of each row, [B, H, count, D] each, their positions and which
+    exist ([B or 1, count] each; a row with fewer real keys has padding there)."""
+    if key_mask is None:
+        position = torch.arange(count, device=key.device).unsqueeze(0)
+        return key[:, :, :count], value[:, :, :count], position, position < key.shape[2]
+    rank = key_mask.cumsum(-1) - 1
+    firsts = [(key_mask & (rank == j)) for j in range(count)]
+    position = torch.stack([f.int().argmax(-1) for f in firsts], -1)  # [B, count]
+    exists = torch.stack([f.any(-1) for f in firsts], -1)
+    index = position[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+    return key.gather(2, index), value.gather(2, index), position, exists
+
+
 def interface_output(out: torch.Tensor) -> tuple[torch.Tensor, None]:
     """[B, H, Lq, D] -> the interface's ([B, Lq, H, D], None)."""
     return out.transpose(1, 2).contiguous(), None

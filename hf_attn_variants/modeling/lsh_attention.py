@@ -6,7 +6,10 @@ Each query attends to 2c keys (c = bucket_size, Reformer's "own chunk + previous
 bucket nearest to it in that order (when causal: the c most recent ones), and the c keys nearest in position (when
 causal: the c most recent, itself included). Sliding windows replace Reformer's fixed chunk boundaries, which move
 when later tokens arrive (past outputs would depend on the future); the positional window keeps inputs of N <= c
-tokens exact and guarantees every query a key. Rounds are combined by log-sum-exp. Padded keys get a bucket past
+tokens exact and guarantees every query a key. Encoders (non-causal) also attend their first real token(s)
+exactly (``exact_first``; [CLS] is an attention sink that hashing finds only by chance): on all-MiniLM-L6-v2 at
+512 tokens, 2 hashes, 0.928 -> 0.947 mean embedding cosine; 4 hashes 0.949 -> 0.956. Rounds are combined by
+log-sum-exp. Padded keys get a bucket past
 all real ones, so padding never moves real tokens. Both windows are computed by blocks of queries against
 contiguous key spans (positional, and in hash-sorted order): memory O(N c), matrix products instead of per-query
 gathers.
@@ -26,6 +29,7 @@ from .attention_common import (
     compute_dtype,
     exact_attention,
     interface_output,
+    leading_keys,
     log_sum_exp_combine,
     per_unpadded_row,
     prepare_call,
@@ -42,12 +46,16 @@ BUCKET_BLOCK_DIVISOR = 2
 @dataclasses.dataclass
 class LSHSettings(SettingsBase):
     """bucket_size: c (each query sees c same-bucket keys and c positional neighbours);
-    num_hashes: hash rounds; num_buckets: buckets per round (1, or even)."""
+    num_hashes: hash rounds; num_buckets: buckets per round (1, or even);
+    exact_first: in non-causal layers, the first real tokens every query attends besides its windows ([CLS] /
+    <s>: 10-21% of the attention in MiniLM's middle layers, found by a bucket only by chance); they are hashed
+    into no bucket. Causal layers (decoders) do not use it."""
 
     variant = "lsh"
     bucket_size: int = dataclasses.field(default=64, metadata={"positive_int": True})
     num_hashes: int = dataclasses.field(default=2, metadata={"positive_int": True})
     num_buckets: int = dataclasses.field(default=16, metadata={"positive_int": True})
+    exact_first: int = dataclasses.field(default=1, metadata={"non_negative_int": True})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,8 +66,8 @@ class LSHSettings(SettingsBase):
             )
 
     def keys_attended(self, length: int, causal: bool) -> float:
-        """c positional neighbours plus c same-bucket keys per hash round."""
-        return min(length, self.bucket_size * (1 + self.num_hashes))
+        """c positional neighbours plus c same-bucket keys per hash round (plus the exact first keys)."""
+        return min(length, self.bucket_size * (1 + self.num_hashes) + (0 if causal else self.exact_first))
 
 
 class LSHState(VariantState):
@@ -278,10 +286,17 @@ def lsh_attention(
     # so the positional window counts once per round: one combination with its lse raised by log(rounds).
     outputs, lses = [out_local], [lse_local + math.log(len(rotations))]
     hashed_keys = key if is_causal else centred_keys(key, key_mask)
+    unhashed = key_mask  # keys that go into no bucket: padding, and the exact first keys
+    first = 0 if is_causal else min(settings.exact_first, lk)
+    if first:
+        out_first, lse_first, unhashed = first_keys_attention(query, key, value, key_mask, local_start, width,
+                                                              first, scaling)
+        outputs.append(out_first)
+        lses.append(lse_first + math.log(len(rotations)))  # in every round's softmax, like the positional window
     for rotation in rotations:
         key_bucket = hash_buckets(hashed_keys, rotation, settings.num_buckets)
-        if key_mask is not None:  # padded keys sort after every real one and match no query
-            key_bucket = key_bucket.masked_fill(~key_mask[:, None, :], settings.num_buckets)
+        if unhashed is not None:  # padded keys sort after every real one and match no query
+            key_bucket = key_bucket.masked_fill(~unhashed[:, None, :], settings.num_buckets)
         query_bucket = hash_buckets(query, rotation, settings.num_buckets)
         out_bucket, lse_bucket = bucket_attention(
             query, key, value, query_bucket, key_bucket, q_pos, local_start, width, is_causal, scaling, dropout,
@@ -290,6 +305,22 @@ def lsh_attention(
         outputs.append(out_bucket)
         lses.append(lse_bucket)
     return log_sum_exp_combine(outputs, lses).to(out_dtype)
+
+
+def first_keys_attention(query, key, value, key_mask, local_start, width: int, count: int, scaling: float):
+    """Softmax over the first ``count`` real keys, for each query minus those already in its positional window
+    [local_start, local_start + width). Returns (out [B, H, Lq, D], lse [B, H, Lq], the real keys left to hash
+    [B or 1, Lk] bool)."""
+    first_key, first_value, position, exists = leading_keys(key, value, key_mask, count)
+    in_window = (position[:, None, :] >= local_start[..., None]) & (position[:, None, :] < local_start[..., None]
+                                                                     + width)  # [B or 1, Lq, count]
+    scores = torch.matmul(query, first_key.transpose(-1, -2)) * scaling  # [B, H, Lq, count]
+    scores = scores.masked_fill((in_window | ~exists[:, None, :]).unsqueeze(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1).clamp_min(NO_KEY_LSE)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), first_value)
+    positions = torch.arange(key.shape[2], device=key.device)
+    hashed = (positions[None, :, None] != position[:, None, :]).all(-1)  # [B or 1, Lk]
+    return out, lse, hashed if key_mask is None else hashed & key_mask
 
 
 def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, num_buckets: int) -> torch.Tensor:
