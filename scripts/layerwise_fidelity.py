@@ -31,6 +31,8 @@ CASES = [  # (label, variant, settings, stage-1 learning rate or None: nothing t
     ("performer, learned kernel (m=64)", "performer", {"kernel": "learned", "num_features": 64}, 1e-2, 1),
     ("performer, learned kernel (m=128) + exact window 64 (hybrid)", "performer",
      {"kernel": "learned", "num_features": 128, "window": 64}, 1e-2, None),
+    ("performer, learned kernel (m=128) + exact window 64 + exact first token (hybrid)", "performer",
+     {"kernel": "learned", "num_features": 128, "window": 64, "exact_first": 1}, 1e-2, None),
     ("performer, learned kernel (m=128) + exact window 128 (hybrid)", "performer",
      {"kernel": "learned", "num_features": 128, "window": 128}, 1e-2, None),
     # E/F start as 0/1 block poolings: lr 1e-2 overshoots them (held-out loss doubled in 2 steps).

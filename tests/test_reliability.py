@@ -26,6 +26,7 @@ BAD_SETTINGS = [
     ("linformer", "k", 0), ("linformer", "k", 2.0), ("linformer", "max_length", -3),
     ("linformer", "exact_first", -1), ("linformer", "exact_first", 256),  # must be below k (256)
     ("performer", "num_features", -1), ("performer", "chunk_size", "64"), ("performer", "redraw_interval", -1),
+    ("performer", "exact_first", 1),  # needs a window
     ("bigbird", "block_size", 0), ("bigbird", "random_blocks", -1), ("bigbird", "window_blocks", 1.5),
     ("lsh", "bucket_size", 0), ("lsh", "num_hashes", 0), ("lsh", "num_buckets", True),
 ]

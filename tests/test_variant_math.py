@@ -464,9 +464,10 @@ def test_lsh_encoder_buckets_do_not_move_when_every_key_shifts():
     assert (raw - lsh_attention(q, k, v, rotations, mask, True, SCALE, settings)).abs().max() > 1e-2
 
 
-def dense_hybrid_attention(q, k, v, features, causal, window):
+def dense_hybrid_attention(q, k, v, features, causal, window, exact_first=0):
     """The hybrid by its definition, with the full Lq x Lk weight matrix: exp(q.k s) on each query's window blocks
-    (its own block, the previous one, and the next one when not causal), phi(q).phi(k) elsewhere."""
+    (its own block, the previous one, and the next one when not causal) and on the first ``exact_first`` keys,
+    phi(q).phi(k) elsewhere."""
     lq, lk = q.shape[2], k.shape[2]
     x_q, x_k = q * math.sqrt(SCALE), k * math.sqrt(SCALE)
     w = features.transpose(-1, -2)
@@ -477,6 +478,7 @@ def dense_hybrid_attention(q, k, v, features, causal, window):
     q_block = (torch.arange(lk - lq, lk) // window)[:, None]
     k_block = (torch.arange(lk) // window)[None, :]
     near = (k_block >= q_block - 1) & (k_block <= (q_block if causal else q_block + 1))
+    near = near | (torch.arange(lk) < exact_first)[None, :]
     weights = torch.where(near, exact, linear)
     if causal:
         weights = weights.masked_fill(torch.arange(lk)[None] > torch.arange(lk - lq, lk)[:, None], 0.0)
@@ -485,9 +487,11 @@ def dense_hybrid_attention(q, k, v, features, causal, window):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("query_length", [23, 5])
-def test_performer_hybrid_equals_its_dense_definition_and_gradients_flow(causal, query_length):
+@pytest.mark.parametrize("exact_first", [0, 2])
+def test_performer_hybrid_equals_its_dense_definition_and_gradients_flow(causal, query_length, exact_first):
     """Several windows (23 keys, blocks of 4: the linear part covers most keys), cached keys (5 queries after 18),
-    per-head learned features; float64 to 1e-10, and gradcheck through q, k, v and the features."""
+    per-head learned features, with and without the first keys exact; float64 to 1e-10, and gradcheck through q,
+    k, v and the features."""
     from hf_attn_variants.modeling.performer_attention import hybrid_attention
 
     g = torch.Generator().manual_seed(9)
@@ -496,9 +500,9 @@ def test_performer_hybrid_equals_its_dense_definition_and_gradients_flow(causal,
     features = orthogonal_gaussian(6 * H, 4, g).double().view(H, 6, 4).requires_grad_()
 
     def core(q, k, v, features):
-        return hybrid_attention(q, k, v, features, causal, SCALE, 4)
+        return hybrid_attention(q, k, v, features, causal, SCALE, 4, exact_first)
 
-    expected = dense_hybrid_attention(q, k, v, features, causal, 4)
+    expected = dense_hybrid_attention(q, k, v, features, causal, 4, exact_first)
     torch.testing.assert_close(core(q, k, v, features), expected, atol=1e-10, rtol=1e-10)
     assert torch.autograd.gradcheck(core, (q, k, v, features))
 

@@ -43,7 +43,9 @@ class PerformerSettings(SettingsBase):
     forwards (0 = fixed; not with 'learned'); chunk_size: block length of the causal prefix sums; window: 0, or
     the block size w of the LoLCATs-style hybrid: each query attends exactly (softmax) to the keys of its own
     w-token block and the neighbouring ones (causal: its own block up to itself and the previous block), and through
-    the features to every other key, all in one normaliser. Inputs of at most w tokens are then exact."""
+    the features to every other key, all in one normaliser. Inputs of at most w tokens are then exact;
+    exact_first (with a window, at most w): the first real tokens every query attends exactly, outside the linear
+    part ([CLS] / <s>, an attention sink the features must otherwise carry for every query beyond the window)."""
 
     variant = "performer"
     num_features: int = dataclasses.field(default=256, metadata={"positive_int": True})
@@ -51,9 +53,15 @@ class PerformerSettings(SettingsBase):
     redraw_interval: int = dataclasses.field(default=0, metadata={"non_negative_int": True})
     chunk_size: int = dataclasses.field(default=128, metadata={"positive_int": True})
     window: int = dataclasses.field(default=0, metadata={"non_negative_int": True})
+    exact_first: int = dataclasses.field(default=0, metadata={"non_negative_int": True})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.exact_first and not 0 < self.exact_first <= self.window:
+            raise ValueError(
+                f"performer setting exact_first={self.exact_first} must be at most the exact window, and needs one "
+                f"(window={self.window}); pass e.g. window=64, exact_first=1, or exact_first=0."
+            )
         if self.window and self.kernel == "relu":
             raise ValueError(
                 "performer setting window needs positive softmax features (kernel='softmax' or 'learned'); the "
@@ -68,7 +76,7 @@ class PerformerSettings(SettingsBase):
     def keys_attended(self, length: int, causal: bool) -> float:
         """Feature maps of q and k and the m x D state products (3 m), plus the exact window blocks when set."""
         window = (2 if causal else 3) * self.window
-        return 3 * self.num_features + min(length, window)
+        return 3 * self.num_features + min(length, window + self.exact_first)
 
 
 def orthogonal_gaussian(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -472,9 +480,12 @@ def hybrid_attention(
     is_causal: bool,
     scaling: float,
     window: int,
+    exact_first: int = 0,
 ) -> torch.Tensor:
     """Exact softmax over each query's window blocks plus FAVOR+ features for every other key, one normaliser
     (LoLCATs' sliding window + linear attention, by blocks). Plain autograd; no padding (see per_unpadded_row).
+    The first ``exact_first`` (<= window) keys are exact for every query: in the window of query blocks 0 and 1,
+    an exact term of their own beyond, and never in the linear part.
 
     query [B, H, Lq, D] at positions Lk - Lq + i; key/value [B, H, Lk, D]; features [m, D] or [H, m, D]. Keys are
     cut into blocks of w = ``window``; a query in block i sees blocks i-1, i (and i+1 when not causal) exactly, the
@@ -506,7 +517,8 @@ def hybrid_attention(
         heads_w = w if w.dim() == 2 else w.view(w.shape[0], *([1] * (x.dim() - 4)), *w.shape[1:])
         return torch.matmul(xs, heads_w) - 0.5 * (xs * xs).sum(-1, keepdim=True)
 
-    key_logits = feature_logits(k_pad).masked_fill(~k_real[:, None], float("-inf"))
+    linear_keys = k_real & (torch.arange(nk * b, device=q.device) >= exact_first)  # the first keys are exact
+    key_logits = feature_logits(k_pad).masked_fill(~linear_keys[:, None], float("-inf"))
     shift_k = key_logits.detach().amax(dim=(-1, -2), keepdim=True)  # [B, H, 1, 1], a common factor: cancels
     phi_k = torch.exp(key_logits - shift_k)  # padded rows: exp(-inf) = 0
     block_states = torch.matmul(phi_k.view(bsz, heads, nk, b, m).transpose(-1, -2), v_pad.view(bsz, heads, nk, b, -1))
@@ -543,6 +555,14 @@ def hybrid_attention(
     exact = torch.matmul(torch.exp(scores - row_max), v_win.transpose(-1, -2))  # [B, H, nq, b, D + 1]
     top = torch.maximum(linear_scale, row_max)
     total = linear * torch.exp(linear_scale - top) + exact * torch.exp(row_max - top)
+    if exact_first:  # query blocks >= 2 (their windows start after block 0): the first keys as one more exact part
+        first_scores = torch.matmul(q_pad, k[:, :, :exact_first].unsqueeze(2).transpose(-1, -2)) * scaling
+        first_scores = first_scores.masked_fill((blocks < 2).view(1, 1, -1, 1, 1), float("-inf"))
+        first_max = first_scores.detach().amax(-1, keepdim=True)  # [B, H, nq, b, 1]; -inf where not used
+        safe_max = torch.where(torch.isfinite(first_max), first_max, torch.zeros_like(first_max))
+        first = torch.matmul(torch.exp(first_scores - safe_max), v1[:, :, :exact_first].unsqueeze(2))
+        new_top = torch.maximum(top, first_max)
+        total = total * torch.exp(top - new_top) + first * torch.exp(first_max - new_top)
     out = total[..., :-1] / floored(total[..., -1:])
     return out.reshape(bsz, heads, nq * b, dim)[:, :, q_lead : q_lead + lq].to(query.dtype)
 
@@ -575,7 +595,8 @@ def performer_attention_forward(
         return interface_output(out)
     if settings.window:
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # one row, no padding
-            return hybrid_attention(q, k, v, call.state.features, call.is_causal, call.scaling, settings.window)
+            return hybrid_attention(q, k, v, call.state.features, call.is_causal, call.scaling, settings.window,
+                                    settings.exact_first)
 
         # The window blocks count real tokens only: padding cannot move an output.
         return interface_output(per_unpadded_row(attend, query, call.key, call.value, call.key_mask))
