@@ -183,13 +183,12 @@ def linformer_attention(
     # The length normalisation as one additive bias per projected key (an empty row: masked out).
     row_weight = weight_k.transpose(-1, -2)  # (B or 1, H or 1, 1, k)
     bias = torch.log(row_weight.clamp_min(tiny)).masked_fill(row_weight == 0, masked_fill_value(key.dtype))
-    scores = torch.matmul(query * scaling, key_low.transpose(-1, -2)).add_(bias)  # (B, H, Lq, k)
-    if exact_first:
+    if exact_first:  # the first real keys join the projected ones as rows of their own (bias 0; absent: masked)
         first_key, first_value, _, exists = leading_keys(key, value, key_mask, exact_first)
-        first_scores = torch.matmul(query * scaling, first_key.transpose(-1, -2))  # (B, H, Lq, exact_first)
-        first_scores = first_scores.masked_fill(~exists[:, None, None, :], masked_fill_value(key.dtype))
-        scores = torch.cat([first_scores, scores], -1)
-        value_low = torch.cat([first_value, value_low], 2)
+        key_low, value_low = torch.cat([first_key, key_low], 2), torch.cat([first_value, value_low], 2)
+        first_bias = torch.zeros_like(exists, dtype=bias.dtype).masked_fill(~exists, masked_fill_value(key.dtype))
+        bias = torch.cat([first_bias[:, None, None, :].expand(*bias.shape[:3], -1), bias], -1)
+    scores = torch.matmul(query * scaling, key_low.transpose(-1, -2)).add_(bias)  # (B, H, Lq, exact_first + k)
     probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(query.dtype)
     if dropout > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout)
