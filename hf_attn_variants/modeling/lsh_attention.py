@@ -9,9 +9,9 @@ when later tokens arrive (past outputs would depend on the future); the position
 tokens exact and guarantees every query a key. Encoders (non-causal) also attend their first real token(s)
 exactly (``exact_first``; [CLS] is an attention sink that hashing finds only by chance): on all-MiniLM-L6-v2 at
 512 tokens, 2 hashes, 0.928 -> 0.947 mean embedding cosine; 4 hashes 0.949 -> 0.956. Rounds are combined by
-log-sum-exp. Padded keys get a bucket past all real ones, so padding never moves real tokens. Both windows are computed by blocks of queries against
-contiguous key spans (positional, and in hash-sorted order): memory O(N c), matrix products instead of per-query
-gathers.
+log-sum-exp. Padded keys get a bucket past all real ones, so padding never moves real tokens. Both windows are
+computed by blocks of queries against contiguous key spans (positional, and in hash-sorted order): memory O(N c),
+matrix products instead of per-query gathers.
 """
 
 from __future__ import annotations
