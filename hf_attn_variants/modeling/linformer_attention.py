@@ -175,7 +175,11 @@ def linformer_attention(
     reach a real token.
     """
     length = key.shape[2]
-    projections = [fitted_projection(proj, length, key_mask, exact_first).to(key.dtype) for proj in (proj_k, proj_v)]
+    fitted_k = fitted_projection(proj_k, length, key_mask, exact_first).to(key.dtype)
+    if proj_v is proj_k:  # sharing="kv": one E = F, resampled once
+        projections = [fitted_k, fitted_k]
+    else:
+        projections = [fitted_k, fitted_projection(proj_v, length, key_mask, exact_first).to(key.dtype)]
     tiny = torch.finfo(key.dtype).tiny
     weight_k, weight_v = (proj.abs().sum(-1, keepdim=True) for proj in projections)  # [B or 1, H or 1, k, 1]
     key_low = project_along_sequence(projections[0], key) / weight_k.clamp_min(tiny)  # (B, H, k, D)

@@ -317,9 +317,9 @@ def first_keys_attention(query, key, value, key_mask, local_start, width: int, c
     scores = scores.masked_fill((in_window | ~exists[:, None, :]).unsqueeze(1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1).clamp_min(NO_KEY_LSE)
     out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), first_value)
-    positions = torch.arange(key.shape[2], device=key.device)
-    hashed = (positions[None, :, None] != position[:, None, :]).all(-1)  # [B or 1, Lk]
-    return out, lse, hashed if key_mask is None else hashed & key_mask
+    if key_mask is None:
+        return out, lse, (torch.arange(key.shape[2], device=key.device) >= count).unsqueeze(0)
+    return out, lse, key_mask & (key_mask.cumsum(-1) > count)  # real keys after the first ``count``
 
 
 def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, num_buckets: int) -> torch.Tensor:
