@@ -37,6 +37,7 @@ CASES = [  # (label, variant, settings, stage-1 learning rate or None: nothing t
      {"kernel": "learned", "num_features": 128, "window": 128}, 1e-2, None),
     # E/F start as 0/1 block poolings: lr 1e-2 overshoots them (held-out loss doubled in 2 steps).
     ("linformer (k=256)", "linformer", {"k": 256}, 1e-4, 1),
+    ("linformer (k=256) + exact window 64", "linformer", {"k": 256, "window": 64}, 1e-4, 1),
     ("bigbird (block 32, no learned state)", "bigbird", {"block_size": 32}, None, None),
     ("lsh (defaults, no learned state)", "lsh", {}, None, None),
     ("lsh (4 hashes, no learned state)", "lsh", {"num_hashes": 4}, None, None),

@@ -105,13 +105,13 @@ def test_init_weights_after_a_meta_device_build_initialises_the_state(variant):
             assert torch.equal(tensor, expected[name]), f"{auto.__name__}: {name}"
 
 
-def _encoder(variant):
-    return hv.convert(tiny_model("bert"), attention=variant, **SMALL[variant])
+def _encoder(variant, **extra):
+    return hv.convert(tiny_model("bert"), attention=variant, **SMALL[variant], **extra)
 
 
-@pytest.mark.parametrize("variant", EFFICIENT)
-def test_right_padding_amount_leaves_encoder_outputs_unchanged(variant):
-    model = _encoder(variant)
+@pytest.mark.parametrize(("variant", "extra"), [(v, {}) for v in EFFICIENT] + [("linformer", {"window": 4})])
+def test_right_padding_amount_leaves_encoder_outputs_unchanged(variant, extra):
+    model = _encoder(variant, **extra)
     ids = torch.randint(3, 96, (1, LENGTH), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         alone = model(ids).logits

@@ -25,6 +25,7 @@ from hf_attn_variants.modeling import VARIANT_CONFIGS, VARIANTS, resolve_setting
 BAD_SETTINGS = [
     ("linformer", "k", 0), ("linformer", "k", 2.0), ("linformer", "max_length", -3),
     ("linformer", "exact_first", -1), ("linformer", "exact_first", 256),  # must be below k (256)
+    ("linformer", "window", -4), ("linformer", "window", 2.5),
     ("performer", "num_features", -1), ("performer", "chunk_size", "64"), ("performer", "redraw_interval", -1),
     ("performer", "exact_first", 1),  # needs a window
     ("bigbird", "block_size", 0), ("bigbird", "random_blocks", -1), ("bigbird", "window_blocks", 1.5),

@@ -554,6 +554,70 @@ def test_linformer_equals_its_definition_with_random_projections(heads, padded, 
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def windowed_linformer_reference(q, k, v, proj_k, proj_v, first, window):
+    """Linformer with an exact window, densely (no padding): query i in block b = i // w attends exactly the
+    keys at positions [(b - 1) w, (b + 2) w) after the first ``first`` ones, the first ones as rows of their own,
+    and the projected rows (length-normalised as in Linformer) except those whose centre, sum_j |E_rj| j /
+    sum_j |E_rj|, lies in that span. One softmax over all three."""
+    length = k.shape[2]
+    pool = torch.nn.functional.adaptive_avg_pool1d
+    e_k, e_v = (torch.nn.functional.pad(pool(p.to(q.dtype), length - first), (first, 0)) for p in (proj_k, proj_v))
+    w_k, w_v = e_k.abs().sum(-1), e_v.abs().sum(-1)  # [heads, k]
+    key_low, value_low = (e_k @ k) / w_k[..., None], (e_v @ v) / w_v[..., None]
+    positions = torch.arange(length, dtype=q.dtype)
+    centre = (e_k.abs() @ positions) / w_k  # [heads, k]
+    block = torch.arange(length) // window
+    lower, upper = ((block - 1) * window)[:, None], ((block + 2) * window)[:, None]  # [L, 1]
+    exact = (positions[None] >= lower) & (positions[None] < upper) & (positions[None] >= first)  # [Lq, Lk]
+    replaced = (centre[:, None, :] >= lower) & (centre[:, None, :] < upper)  # [heads, Lq, k]
+    exact_scores = ((q @ k.transpose(-1, -2)) * SCALE).masked_fill(~exact, float("-inf"))
+    row_scores = ((q @ key_low.transpose(-1, -2)) * SCALE + torch.log(w_k)[:, None, :]).masked_fill(replaced,
+                                                                                                  float("-inf"))
+    first_scores = (q @ k[:, :, :first].transpose(-1, -2)) * SCALE
+    probs = torch.softmax(torch.cat([first_scores, exact_scores, row_scores], -1), -1)
+    return probs @ torch.cat([v[:, :, :first], v, value_low.expand(B, -1, -1, -1)], 2)
+
+
+@pytest.mark.parametrize("heads", [1, H])
+@pytest.mark.parametrize("exact_first", [0, 2])
+@pytest.mark.parametrize("window", [4, 7])  # 7: N = 50 is no multiple of it
+def test_linformer_window_equals_its_definition_with_gradients(heads, exact_first, window):
+    """The blocked window (gathered_attention, hand-written backward) and the masked projected rows, combined by
+    log-sum-exp, equal one dense softmax over the window keys, the first keys and the rows the window leaves,
+    values and gradients (float64). k = 8 < N rows of random positive projections: really compressed."""
+    q, k, v = (x.double().requires_grad_() for x in qkv())
+    generator = torch.Generator().manual_seed(4)
+    proj_k, proj_v = (torch.rand(heads, 8, N + 5, generator=generator, dtype=torch.float64) for _ in range(2))
+    out, probs = linformer_attention(q, k, v, proj_k, proj_v, None, SCALE, exact_first=exact_first, window=window)
+    expected = windowed_linformer_reference(q, k, v, proj_k, proj_v, exact_first, window)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    assert (probs.sum(-1) < 1 - 1e-3).all()  # the rows' share: the window holds the rest of the mass
+    weights = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_linformer_window_recovers_local_attention_that_pooling_blurs():
+    """Each query's own key dominates (k = 2q + noise): pooling pairs of keys blurs it; the exact window over
+    blocks i-1..i+1 keeps it. With block pooling the window replaces exactly the rows it covers (no double
+    count), so the error falls well below the plain projection's."""
+    from hf_attn_variants.modeling.linformer_attention import block_pooling
+
+    q, k, v = qkv(64, seed=6)
+    k = 2 * q + 0.3 * k
+    expected = reference(q, k, v)
+
+    def error(window):
+        pooling = block_pooling(32, 64)[None]  # pairs of neighbours
+        out, _ = linformer_attention(q, k, v, pooling, pooling, None, SCALE, window=window)
+        return ((out - expected).norm(dim=-1) / expected.norm(dim=-1)).mean().item()
+
+    plain, windowed = error(0), error(8)
+    assert windowed < 0.2 * plain, (plain, windowed)
+
+
 def test_bigbird_select_positions_reads_a_cache_view_like_index_select():
     """Decoding gathers keys from a growing cache's strided view by buffer rows; the result must equal
     index_select along the sequence, for views, contiguous tensors and layouts it cannot use (transposed)."""

@@ -29,10 +29,12 @@ from .attention_common import (
     exact_attention,
     interface_output,
     leading_keys,
+    log_sum_exp_combine,
     masked_fill_value,
     per_unpadded_row,
     prepare_call,
 )
+from .gathered_attention import NO_KEY_LSE, gathered_attention
 
 SHARING_CHOICES = ("headwise", "kv", "none")
 
@@ -42,13 +44,17 @@ class LinformerSettings(SettingsBase):
     """k: projected length; max_length: longest input (None = the model's max positions);
     sharing: 'headwise' (E, F shared by the heads of a layer), 'kv' (one E = F per layer), 'none' (per head);
     exact_first: the first real tokens every query attends exactly, outside the projection ([CLS] / <s>, which
-    draw 10-21% of the attention in MiniLM's middle layers; pooled with a neighbour their key would be lost)."""
+    draw 10-21% of the attention in MiniLM's middle layers; pooled with a neighbour their key would be lost);
+    window: 0, or w: keys are cut into blocks of w tokens and a query in block i attends the keys of blocks i-1, i,
+    i+1 exactly, in place of the projected rows pooled from them (a long-short hybrid, as Transformer-LS: the
+    neighbours that draw much of a trained model's attention are not pooled)."""
 
     variant = "linformer"
     k: int = dataclasses.field(default=256, metadata={"positive_int": True})
     max_length: int | None = dataclasses.field(default=None)
     sharing: str = dataclasses.field(default="headwise", metadata={"choices": SHARING_CHOICES})
     exact_first: int = dataclasses.field(default=1, metadata={"non_negative_int": True})
+    window: int = dataclasses.field(default=0, metadata={"non_negative_int": True})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,8 +71,8 @@ class LinformerSettings(SettingsBase):
 
     def keys_attended(self, length: int, causal: bool) -> float:
         """The k projected keys and the exact first ones, plus the projection of K and V along the sequence (another
-        k per query row)."""
-        return 2 * self.k + self.exact_first
+        k per query row), plus the 3 w window keys when set."""
+        return 2 * self.k + self.exact_first + min(length, 3 * self.window)
 
 
 class LinformerState(VariantState):
@@ -163,10 +169,13 @@ def linformer_attention(
     scaling: float,
     dropout: float = 0.0,
     exact_first: int = 0,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Functional core. query [B, H, Lq, D]; key/value [B, H, Lk, D]; proj_* [H or 1, k, max_length];
-    key_mask [B, Lk] bool or None; the first ``exact_first`` real keys are attended exactly, the rest projected.
-    Returns (output [B, H, Lq, D], probabilities [B, H, Lq, exact_first + k]).
+    """Functional core. query [B, H, Lq, D] at positions Lk - Lq + i; key/value [B, H, Lk, D]; proj_* [H or 1, k,
+    max_length]; key_mask [B, Lk] bool or None; the first ``exact_first`` real keys are attended exactly, the rest
+    projected; ``window`` > 0 (needs key_mask None: padded rows go through per_unpadded_row): see
+    ``windowed_softmax``. Returns (output [B, H, Lq, D], the projected rows' probabilities [B, H, Lq,
+    exact_first + k], as shares of each query's whole softmax).
 
     Length-normalised projection: projected row j is the E-weighted *mean* of the real keys (values) feeding it,
     with weight w_j = sum_i |E_ji| over real positions, and its logit gets + log w_j, so a row pooling c equal keys
@@ -193,10 +202,73 @@ def linformer_attention(
         first_bias = torch.zeros_like(exists, dtype=bias.dtype).masked_fill(~exists, masked_fill_value(key.dtype))
         bias = torch.cat([first_bias[:, None, None, :].expand(*bias.shape[:3], -1), bias], -1)
     scores = torch.matmul(query * scaling, key_low.transpose(-1, -2)).add_(bias)  # (B, H, Lq, exact_first + k)
+    if window:
+        if key_mask is not None:
+            raise ValueError("linformer_attention with a window takes unpadded rows (key_mask=None); run padded "
+                             "batches through per_unpadded_row.")
+        return windowed_softmax(query, key, value, scores, value_low, fitted_k, exact_first, window, scaling,
+                                dropout)
     probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(query.dtype)
     if dropout > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     return torch.matmul(probs, value_low), probs
+
+
+def windowed_softmax(query, key, value, scores, value_low, fitted_k, first: int, window: int, scaling: float,
+                     dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over each query's exact window keys (``window_attention``) and the projected rows (scores
+    [B, H, Lq, first + k] with their biases, values value_low [B, H, first + k, D]) minus those the window
+    replaces (``rows_in_window``). The two parts are combined by their log-sum-exps. Returns (out [B, H, Lq, D],
+    the rows' probabilities as shares of the whole softmax [B, H, Lq, first + k])."""
+    dtype = compute_dtype(query.dtype)
+    replaced = rows_in_window(fitted_k, query.shape[2], window)  # [B or 1, H or 1, Lq, k]
+    if first:
+        replaced = torch.nn.functional.pad(replaced, (first, 0))  # the exact first rows stay
+    scores = scores.to(dtype).masked_fill(replaced, masked_fill_value(dtype))
+    lse_rows = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse_rows.unsqueeze(-1))
+    kept = torch.nn.functional.dropout(probs, p=dropout) if dropout > 0.0 else probs
+    out_rows = torch.matmul(kept, value_low.to(dtype))
+    out_window, lse_window = window_attention(query.to(dtype), key.to(dtype), value.to(dtype), window, first,
+                                              scaling, dropout)
+    out = log_sum_exp_combine([out_rows, out_window], [lse_rows, lse_window])
+    share = torch.exp(lse_rows - torch.logaddexp(lse_rows, lse_window)).unsqueeze(-1)
+    return out.to(query.dtype), (probs * share).to(query.dtype)
+
+
+def rows_in_window(fitted: torch.Tensor, query_length: int, window: int) -> torch.Tensor:
+    """Which projected rows each query's exact window replaces: those whose centre (the |E|-weighted mean position
+    of the keys they pool) lies in the query's blocks i-1, i, i+1. With block pooling that is every row pooled
+    from there, so no key is counted twice. fitted [B or 1, H or 1, k, Lk] -> [B or 1, H or 1, Lq, k] bool."""
+    length = fitted.shape[-1]
+    magnitude = fitted.detach().abs()
+    positions = torch.arange(length, device=fitted.device, dtype=fitted.dtype)
+    centre = torch.matmul(magnitude, positions) / magnitude.sum(-1).clamp_min(torch.finfo(fitted.dtype).tiny)
+    block = (torch.arange(query_length, device=fitted.device) + length - query_length) // window
+    lower, upper = ((block - 1) * window).unsqueeze(-1), ((block + 2) * window).unsqueeze(-1)  # [Lq, 1]
+    centre = centre.unsqueeze(-2)  # [B or 1, H or 1, 1, k]
+    return (centre >= lower) & (centre < upper)
+
+
+def window_attention(query, key, value, window: int, skip: int, scaling: float, dropout: float = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax of each query over the keys of its blocks i-1, i, i+1 (blocks of ``window`` positions), the
+    first ``skip`` keys left out (they are attended as rows of their own). query [B, H, Lq, D] at positions
+    Lk - Lq + i; key/value [B, H, Lk, D]. Computed by query blocks against 3 w keys (``gathered_attention``: memory
+    O(N w) per group, nothing of it kept for the backward). Returns (out [B, H, Lq, D], lse [B, H, Lq])."""
+    bsz, heads, lq, dim = query.shape
+    lk = key.shape[2]
+    lead, first_block = (lk - lq) % window, (lk - lq) // window
+    count = -(-(lead + lq) // window)
+    blocked = torch.nn.functional.pad(query, (0, 0, lead, count * window - lead - lq)).view(bsz, heads, count,
+                                                                                          window, dim)
+    blocks = torch.arange(first_block, first_block + count, device=query.device)
+    positions = (blocks.unsqueeze(-1) - 1) * window + torch.arange(3 * window, device=query.device)  # [count, 3w]
+    allowed = ((positions >= skip) & (positions < lk)).unsqueeze(-2)  # [count, 1, 3w]
+    out, lse = gathered_attention(blocked, key, value, positions.clamp(0, lk - 1), lambda lo, hi: allowed[lo:hi],
+                                  scaling, dropout)
+    out = out.reshape(bsz, heads, count * window, dim)[:, :, lead : lead + lq]
+    return out, lse.reshape(bsz, heads, count * window)[:, :, lead : lead + lq].clamp_min(NO_KEY_LSE)
 
 
 def linformer_attention_forward(
@@ -223,17 +295,18 @@ def linformer_attention_forward(
             "input, or convert again with a larger max_length (e.g. convert(..., max_length=N))."
         )
     proj_k, proj_v = state.projections()
-    first = state.settings.exact_first
+    first, window = state.settings.exact_first, state.settings.window
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # one row, no padding
         if k.shape[2] <= state.settings.k:  # k projections of <= k keys lose nothing: compute it exactly
             return exact_attention(q, k, v, None, False, call.scaling, dropout)
-        return linformer_attention(q, k, v, proj_k, proj_v, None, call.scaling, dropout, first)[0]
+        return linformer_attention(q, k, v, proj_k, proj_v, None, call.scaling, dropout, first, window)[0]
 
     lengths = call.key.shape[2] if call.key_mask is None else call.key_mask.sum(-1)
-    if bool((torch.as_tensor(lengths) > state.settings.k).all()):  # no row takes the exact path: one batched call
+    batched = call.key_mask is None or not window  # the window blocks count real tokens: padded rows one by one
+    if batched and bool((torch.as_tensor(lengths) > state.settings.k).all()):  # no row takes the exact path
         out, _ = linformer_attention(query, call.key, call.value, proj_k, proj_v, call.key_mask, call.scaling,
-                                     dropout, first)
+                                     dropout, first, window)
         return interface_output(out)
     # Rows of at most k real tokens are exact whatever the padding (training cannot move them off exactness).
     return interface_output(per_unpadded_row(attend, query, call.key, call.value, call.key_mask))
