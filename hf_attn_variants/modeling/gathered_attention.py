@@ -33,43 +33,51 @@ class GatheredAttention(torch.autograd.Function):
     mask(lo, hi) as MaskFunction. Returns out [*, nb, w, D] and lse [*, nb, w] (both differentiable). A row with
     no allowed key gets out = 0 and lse = NO_KEY_LSE: it weighs nothing when partial results are combined.
     Dropout masks are drawn from a seed taken from torch's generator; the backward regenerates the same masks.
+
+    With query_index [*, nb, w] (rows of query [*, Lq, D], each row at most once; Lq marks an empty slot, which
+    gets no key), the blocks are gathered from query as they are used, and out [*, Lq, D] / lse [*, Lq] come back
+    in query's own order: no sorted copy of the queries or of the output is made or kept for the backward.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, key_index, mask, scaling, dropout, group_elements):
+    def forward(ctx, query, key, value, key_index, mask, scaling, dropout, group_elements, query_index=None):
         key, value = key.contiguous(), value.contiguous()  # rows are gathered from their flat views
-        out = torch.empty_like(query)
-        lse = query.new_empty(query.shape[:-1])
+        slots = QuerySlots(query, query_index)
+        out, lse = slots.empty(per_row=False), slots.empty(per_row=True)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
-        for lo, hi in group_spans(query, key_index.shape[-1], group_elements):
+        for lo, hi in group_spans(slots.blocked_shape, key_index.shape[-1], group_elements):
             index = flat_index(key_index, key, lo, hi)
             keys, values = gather_rows(key, index), gather_rows(value, index)
-            scores = masked_scores(query[..., lo:hi, :, :], keys, mask(lo, hi), scaling)
+            scores = masked_scores(slots.read(query, lo, hi), keys, slots.allowed(mask, lo, hi), scaling)
             group_lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp_min_(NO_KEY_LSE)
             probs = scores.sub_(group_lse).exp_()
             if dropout > 0.0:
                 probs.mul_(dropout_factors(probs, seed, lo, dropout))
-            out[..., lo:hi, :, :] = torch.matmul(probs, values)
-            lse[..., lo:hi, :] = group_lse.squeeze(-1)
-        ctx.save_for_backward(query, key, value, key_index, out, lse)
+            slots.write(out, torch.matmul(probs, values), lo, hi)
+            slots.write(lse, group_lse.squeeze(-1), lo, hi)
+        out, lse = slots.finish(out, per_row=False), slots.finish(lse, per_row=True)
+        ctx.save_for_backward(query, key, value, key_index, out, lse, query_index)
         ctx.settings = (mask, scaling, dropout, seed, group_elements)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward raises instead of going wrong
     def backward(ctx, grad_out, grad_lse):
-        query, key, value, key_index, out, lse = ctx.saved_tensors
+        query, key, value, key_index, out, lse, query_index = ctx.saved_tensors
         mask, scaling, dropout, seed, group_elements = ctx.settings
-        grad_query = torch.empty_like(query)
+        slots = QuerySlots(query, query_index)
+        grad_query = slots.empty(per_row=False)
         grad_key = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
         # d scores = P * (dP - rowsum(dO * O) + d lse)
         delta = (grad_out * out).sum(-1, keepdim=True) - grad_lse.unsqueeze(-1)
-        for lo, hi in group_spans(query, key_index.shape[-1], group_elements):
+        for lo, hi in group_spans(slots.blocked_shape, key_index.shape[-1], group_elements):
             index = flat_index(key_index, key, lo, hi)
             keys, values = gather_rows(key, index), gather_rows(value, index)
-            queries, grads = query[..., lo:hi, :, :], grad_out[..., lo:hi, :, :]
-            probs = masked_scores(queries, keys, mask(lo, hi), scaling).sub_(lse[..., lo:hi, :, None]).exp_()
+            queries, grads = slots.read(query, lo, hi), slots.read(grad_out, lo, hi)
+            group_lse, group_delta = slots.read(lse.unsqueeze(-1), lo, hi), slots.read(delta, lo, hi)
+            allowed = slots.allowed(mask, lo, hi)
+            probs = masked_scores(queries, keys, allowed, scaling).sub_(group_lse).exp_()
             grad_probs = torch.matmul(grads, values.transpose(-1, -2))
             kept = probs
             if dropout > 0.0:
@@ -77,10 +85,69 @@ class GatheredAttention(torch.autograd.Function):
                 grad_probs.mul_(keep)
                 kept = probs * keep
             scatter_add_rows(grad_value, index, torch.matmul(kept.transpose(-1, -2), grads))
-            grad_scores = grad_probs.sub_(delta[..., lo:hi, :, :]).mul_(probs).mul_(scaling)
-            grad_query[..., lo:hi, :, :] = torch.matmul(grad_scores, keys)
+            grad_scores = grad_probs.sub_(group_delta).mul_(probs).mul_(scaling)
+            slots.write(grad_query, torch.matmul(grad_scores, keys), lo, hi)
             scatter_add_rows(grad_key, index, torch.matmul(grad_scores.transpose(-1, -2), queries))
-        return grad_query, grad_key, grad_value, None, None, None, None, None
+        return slots.finish(grad_query, per_row=False), grad_key, grad_value, None, None, None, None, None, None
+
+
+class QuerySlots:
+    """Where GatheredAttention's query blocks come from and where their results go: query itself, already in
+    blocks [*, nb, w, D] (query_index None), or the rows of query [*, Lq, D] that query_index [*, nb, w] names,
+    Lq marking an empty slot. Results of empty slots land in one spare row per leading index, dropped by
+    ``finish``."""
+
+    def __init__(self, query: torch.Tensor, query_index: torch.Tensor | None):
+        self.index, self.like = query_index, query
+        if query_index is None:
+            self.blocked_shape = query.shape
+            return
+        self.rows = query.shape[-2]
+        self.blocked_shape = (*query_index.shape, query.shape[-1])
+        offsets = row_offsets(query, 2)  # leading index x Lq
+        self.read_rows = query_index.clamp_max(self.rows - 1) + offsets  # empty slots read any row
+        self.write_rows = query_index + offsets // self.rows * (self.rows + 1)  # buffers have a spare row
+
+    def empty(self, per_row: bool) -> torch.Tensor:
+        """A buffer for outputs [..., D] (per_row False) or per-row values such as the lse (True). Rows that no
+        slot names keep 0 (outputs, gradients) or NO_KEY_LSE."""
+        if self.index is None:
+            return self.like.new_empty(self.blocked_shape[:-1] if per_row else self.blocked_shape)
+        shape = (*self.like.shape[:-2], self.rows + 1)
+        return self.like.new_full(shape, NO_KEY_LSE) if per_row else self.like.new_zeros(*shape, self.like.shape[-1])
+
+    def read(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Blocks lo..hi-1 of x, shaped like query with a last dim D (or 1, for per-row values): [*, G, w, D]."""
+        if self.index is None:
+            return x[..., lo:hi, :, :]
+        return gather_rows(x, self.read_rows[..., lo:hi, :])
+
+    def allowed(self, mask: MaskFunction, lo: int, hi: int) -> torch.Tensor:
+        """mask(lo, hi), with empty slots allowed no key."""
+        if self.index is None:
+            return mask(lo, hi)
+        return mask(lo, hi) & (self.index[..., lo:hi, :] < self.rows).unsqueeze(-1)
+
+    def write(self, buffer: torch.Tensor, values: torch.Tensor, lo: int, hi: int) -> None:
+        """Blocks lo..hi-1 of ``buffer`` (from ``empty``) = values ([*, G, w, D], or [*, G, w] per row)."""
+        per_row = values.dim() < len(self.blocked_shape)
+        if self.index is None:
+            if per_row:
+                buffer[..., lo:hi, :] = values
+            else:
+                buffer[..., lo:hi, :, :] = values
+            return
+        rows = self.write_rows[..., lo:hi, :].reshape(-1)
+        if per_row:
+            buffer.view(-1).index_copy_(0, rows, values.reshape(-1))
+        else:
+            buffer.view(-1, buffer.shape[-1]).index_copy_(0, rows, values.reshape(-1, buffer.shape[-1]))
+
+    def finish(self, buffer: torch.Tensor, per_row: bool) -> torch.Tensor:
+        """``buffer`` without its spare rows."""
+        if self.index is None:
+            return buffer
+        return buffer[..., : self.rows] if per_row else buffer[..., : self.rows, :]
 
 
 def gathered_attention(
@@ -92,16 +159,19 @@ def gathered_attention(
     scaling: float,
     dropout: float = 0.0,
     group_elements: int = GROUP_ELEMENTS,
+    query_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GatheredAttention.apply (see there for shapes): (out [*, nb, w, D], lse [*, nb, w]). group_elements: about
-    how many scores one group of query blocks holds (memory per step; the result does not depend on it)."""
-    return GatheredAttention.apply(query, key, value, key_index, mask, scaling, dropout, group_elements)
+    """GatheredAttention.apply (see there for shapes): (out [*, nb, w, D], lse [*, nb, w]), or with query_index
+    (out [*, Lq, D], lse [*, Lq]) in query's order. group_elements: about how many scores one group of query
+    blocks holds (memory per step; the result does not depend on it)."""
+    return GatheredAttention.apply(query, key, value, key_index, mask, scaling, dropout, group_elements, query_index)
 
 
-def group_spans(query: torch.Tensor, keys_per_query: int, group_elements: int = GROUP_ELEMENTS
+def group_spans(blocked_shape: tuple[int, ...], keys_per_query: int, group_elements: int = GROUP_ELEMENTS
                 ) -> list[tuple[int, int]]:
-    """Ranges of query blocks processed together (each group's scores hold about ``group_elements`` numbers)."""
-    *lead, blocks, width, _ = query.shape
+    """Ranges of query blocks (of blocked_shape [*, nb, w, D]) processed together (each group's scores hold about
+    ``group_elements`` numbers)."""
+    *lead, blocks, width, _ = blocked_shape
     size = max(1, group_elements // (math.prod(lead) * width * keys_per_query))
     return spans(blocks, size)
 

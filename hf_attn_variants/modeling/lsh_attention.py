@@ -204,7 +204,8 @@ def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_s
     raw_span = span_start.unsqueeze(-1) + torch.arange(2 * width, device=device)  # (B, H, nb, 2w) sorted indices
     span = raw_span.clamp_max(lk - 1)
     span_pos = order.gather(-1, span.flatten(2)).view_as(span)  # key positions of the span
-    sorted_queries = _gather_rows(query, query_order)
+    # Each block slot names its query (Lq: an empty slot past the end); results come back in query order.
+    query_rows = torch.nn.functional.pad(query_order, (0, padded - lq), value=lq).view(bsz, heads, nb, rows)
 
     def allowed(lo: int, hi: int) -> torch.Tensor:  # (B, H, G, w, 2w)
         idx = raw_span[:, :, lo:hi].unsqueeze(-2)  # past-the-end slots exceed every upper bound
@@ -213,25 +214,21 @@ def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_s
         ok = (idx >= s_lower[:, :, lo:hi].unsqueeze(-1)) & (idx < s_upper[:, :, lo:hi].unsqueeze(-1))
         return ok & ((pos < local_first) | (pos >= local_first + width))
 
-    out, lse = gathered_attention(_blocks(sorted_queries, rows), key, value, span_pos, allowed, scaling, dropout,
-                                  group_elements)
-    out, lse = out.reshape(bsz, heads, padded, dim)[:, :, :lq], lse.reshape(bsz, heads, padded)[:, :, :lq]
-
+    out, lse = gathered_attention(query, key, value, span_pos, allowed, scaling, dropout, group_elements, query_rows)
     span_end = (span_start + 2 * width).unsqueeze(-1).expand(-1, -1, -1, rows).reshape(bsz, heads, padded)[:, :, :lq]
     flat = [t.reshape(bsz, heads, padded)[:, :, :lq] for t in (s_lower, s_upper, s_local)]
     overflow = flat[1] > span_end
     if bool(overflow.any()):
-        out, lse = overflow_attention(out, lse, overflow, sorted_queries, key, value, order, *flat, width, scaling,
-                                      dropout, group_elements)
-    inverse = query_order.argsort(dim=-1)
-    return _gather_rows(out, inverse), lse.gather(-1, inverse)
+        out, lse = overflow_attention(out, lse, overflow, query, query_order, key, value, order, *flat, width,
+                                      scaling, dropout, group_elements)
+    return out, lse
 
 
-def overflow_attention(out, lse, overflow, sorted_queries, key, value, order, lower, upper, local, width, scaling,
-                       dropout, group_elements=GROUP_ELEMENTS):
+def overflow_attention(out, lse, overflow, query, query_order, key, value, order, lower, upper, local, width,
+                       scaling, dropout, group_elements=GROUP_ELEMENTS):
     """The queries whose bucket window does not fit in their block's span (``overflow`` [B, H, Lq] bool, in sorted
-    query order like every other [B, H, Lq] argument): each is a block of one with its own ``width`` keys. Returns
-    (out, lse) with those rows replaced."""
+    query order like lower, upper and local; query_order [B, H, Lq]: the query at each sorted place): each is a
+    block of one with its own ``width`` keys. Returns (out, lse) (query order) with those rows replaced."""
     bsz, heads, lk, dim = key.shape
     device = key.device
     b, h, i = overflow.nonzero(as_tuple=True)
@@ -242,11 +239,12 @@ def overflow_attention(out, lse, overflow, sorted_queries, key, value, order, lo
     ok = window < upper[b, h, i].unsqueeze(-1)
     ok = (ok & ((w_pos < local_i) | (w_pos >= local_i + width))).view(1, 1, count, 1, width)
     key_rows = (b * heads + h).unsqueeze(-1) * lk + w_pos  # rows of the flattened [B * H * Lk, D] keys
+    rows = query_order[b, h, i]
     out_i, lse_i = gathered_attention(
-        sorted_queries[b, h, i].view(1, 1, count, 1, dim), key.reshape(1, 1, -1, dim), value.reshape(1, 1, -1, dim),
+        query[b, h, rows].view(1, 1, count, 1, dim), key.reshape(1, 1, -1, dim), value.reshape(1, 1, -1, dim),
         key_rows.view(1, 1, count, width), lambda lo, hi: ok[:, :, lo:hi], scaling, dropout, group_elements,
     )
-    return out.index_put((b, h, i), out_i.view(count, dim)), lse.index_put((b, h, i), lse_i.view(count))
+    return out.index_put((b, h, rows), out_i.view(count, dim)), lse.index_put((b, h, rows), lse_i.view(count))
 
 
 def lsh_attention(
