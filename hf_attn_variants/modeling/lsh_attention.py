@@ -185,9 +185,9 @@ def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_s
 
     Queries are sorted by where their window starts and handled in blocks of width / ``bucket_block_divisor``
     against the 2 * width sorted keys from the block's first window; the rare query whose window reaches past that
-    span is computed alone (``overflow_attention``).
+    span gets a block of its own (``overflow_blocks``), in the same pass.
     """
-    bsz, heads, lq, dim = query.shape
+    bsz, heads, lq, _ = query.shape
     lk = key.shape[2]
     device = query.device
     order, lower, upper = bucket_windows(query_bucket, key_bucket, q_pos, width, is_causal, lk)
@@ -197,15 +197,19 @@ def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_s
     query_order = (lower.clamp_min(0) * lq + torch.arange(lq, device=device)).argsort(dim=-1)
     per_query = torch.stack([lower, upper, local], dim=-1).gather(2, query_order.unsqueeze(-1).expand(-1, -1, -1, 3))
     nb = -(-lq // rows)
-    padded = nb * rows
     per_query = _blocks(per_query, rows)  # (B, H, nb, rows, 3); padding rows have lower = upper = 0: all masked
     s_lower, s_upper, s_local = per_query.unbind(-1)
-    span_start = s_lower[:, :, :, 0].clamp(0, max(lk - 2 * width, 0))  # (B, H, nb)
-    raw_span = span_start.unsqueeze(-1) + torch.arange(2 * width, device=device)  # (B, H, nb, 2w) sorted indices
+    last_start = max(lk - 2 * width, 0)
+    span_start = s_lower[:, :, :, 0].clamp(0, last_start)  # (B, H, nb)
+    # Each block slot names its query (Lq: an empty slot past the end); results come back in query order.
+    query_rows = torch.nn.functional.pad(query_order, (0, nb * rows - lq), value=lq).view(bsz, heads, nb, rows)
+    overflow = s_upper > (span_start + 2 * width).unsqueeze(-1)  # windows that run past their block's span
+    if bool(overflow.any()):
+        query_rows, s_lower, s_upper, s_local = overflow_blocks(overflow, lq, query_rows, s_lower, s_upper, s_local)
+        span_start = torch.cat([span_start, s_lower[:, :, nb:, 0].clamp(0, last_start)], dim=2)
+    raw_span = span_start.unsqueeze(-1) + torch.arange(2 * width, device=device)  # (B, H, blocks, 2w) sorted indices
     span = raw_span.clamp_max(lk - 1)
     span_pos = order.gather(-1, span.flatten(2)).view_as(span)  # key positions of the span
-    # Each block slot names its query (Lq: an empty slot past the end); results come back in query order.
-    query_rows = torch.nn.functional.pad(query_order, (0, padded - lq), value=lq).view(bsz, heads, nb, rows)
 
     def allowed(lo: int, hi: int) -> torch.Tensor:  # (B, H, G, w, 2w)
         idx = raw_span[:, :, lo:hi].unsqueeze(-2)  # past-the-end slots exceed every upper bound
@@ -214,37 +218,30 @@ def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_s
         ok = (idx >= s_lower[:, :, lo:hi].unsqueeze(-1)) & (idx < s_upper[:, :, lo:hi].unsqueeze(-1))
         return ok & ((pos < local_first) | (pos >= local_first + width))
 
-    out, lse = gathered_attention(query, key, value, span_pos, allowed, scaling, dropout, group_elements, query_rows)
-    span_end = (span_start + 2 * width).unsqueeze(-1).expand(-1, -1, -1, rows).reshape(bsz, heads, padded)[:, :, :lq]
-    flat = [t.reshape(bsz, heads, padded)[:, :, :lq] for t in (s_lower, s_upper, s_local)]
-    overflow = flat[1] > span_end
-    if bool(overflow.any()):
-        out, lse = overflow_attention(out, lse, overflow, query, query_order, key, value, order, *flat, width,
-                                      scaling, dropout, group_elements)
-    return out, lse
+    return gathered_attention(query, key, value, span_pos, allowed, scaling, dropout, group_elements, query_rows)
 
 
-def overflow_attention(out, lse, overflow, query, query_order, key, value, order, lower, upper, local, width,
-                       scaling, dropout, group_elements=GROUP_ELEMENTS):
-    """The queries whose bucket window does not fit in their block's span (``overflow`` [B, H, Lq] bool, in sorted
-    query order like lower, upper and local; query_order [B, H, Lq]: the query at each sorted place): each is a
-    block of one with its own ``width`` keys. Returns (out, lse) (query order) with those rows replaced."""
-    bsz, heads, lk, dim = key.shape
-    device = key.device
-    b, h, i = overflow.nonzero(as_tuple=True)
-    count = b.numel()
-    window = lower[b, h, i].unsqueeze(-1) + torch.arange(width, device=device)  # (n, w) sorted indices
-    w_pos = order[b.unsqueeze(-1), h.unsqueeze(-1), window.clamp_max(lk - 1)]
-    local_i = local[b, h, i].unsqueeze(-1)
-    ok = window < upper[b, h, i].unsqueeze(-1)
-    ok = (ok & ((w_pos < local_i) | (w_pos >= local_i + width))).view(1, 1, count, 1, width)
-    key_rows = (b * heads + h).unsqueeze(-1) * lk + w_pos  # rows of the flattened [B * H * Lk, D] keys
-    rows = query_order[b, h, i]
-    out_i, lse_i = gathered_attention(
-        query[b, h, rows].view(1, 1, count, 1, dim), key.reshape(1, 1, -1, dim), value.reshape(1, 1, -1, dim),
-        key_rows.view(1, 1, count, width), lambda lo, hi: ok[:, :, lo:hi], scaling, dropout, group_elements,
-    )
-    return out.index_put((b, h, rows), out_i.view(count, dim)), lse.index_put((b, h, rows), lse_i.view(count))
+def overflow_blocks(overflow: torch.Tensor, lq: int, query_rows: torch.Tensor, *per_slot: torch.Tensor
+                    ) -> tuple[torch.Tensor, ...]:
+    """Move each query whose bucket window runs past its block's span (``overflow`` [B, H, nb, rows] bool; rare)
+    into slot 0 of a block of its own, appended after the others (as many per head as the head with the most),
+    whose span starts at its window. Its old slot becomes empty (Lq). query_rows and each of ``per_slot`` (the
+    slots' lower, upper, local: [B, H, nb, rows]) come back with the new blocks appended; unused slots of the new
+    blocks are empty, with lower = upper = 0."""
+    bsz, heads, _, rows = overflow.shape
+    flat = overflow.flatten(2)
+    extra = int(flat.sum(-1).max())
+    b, h, slot = flat.nonzero(as_tuple=True)
+    block = (flat.cumsum(-1) - 1)[b, h, slot]  # the query's rank among its head's overflows
+
+    def appended(x: torch.Tensor, fill: int) -> torch.Tensor:
+        new = x.new_full((bsz, heads, extra, rows), fill)
+        new[b, h, block, 0] = x.flatten(2)[b, h, slot]
+        return torch.cat([x, new], dim=2)
+
+    moved = appended(query_rows, lq)
+    moved[:, :, : overflow.shape[2]].masked_fill_(overflow, lq)
+    return (moved, *(appended(x, 0) for x in per_slot))
 
 
 def lsh_attention(
