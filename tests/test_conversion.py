@@ -184,10 +184,11 @@ def test_a_failure_while_saving_leaves_no_output(saved_models, tmp_path, monkeyp
 def test_cli_convert_with_settings(saved_models, tmp_path, capsys):
     out = tmp_path / "cli"
     code = cli_main(["convert", saved_models["bert"], str(out), "--attention", "linformer", "--set", "k=32",
-                     "--set", "sharing=kv", "--max-positions", "256"])
+                     "--set", "sharing=kv", "--set", "window=16", "--max-positions", "256"])
     assert code == 0
     model = AutoModelForMaskedLM.from_pretrained(out)
-    assert model.config.attention_settings == {"k": 32, "max_length": None, "sharing": "kv", "exact_first": 1}
+    assert model.config.attention_settings == {"k": 32, "max_length": None, "sharing": "kv", "exact_first": 1,
+                                               "window": 16}
     assert model.config.max_position_embeddings == 256
     state = model.bert.encoder.layer[0].attention.self.attn_variant
     assert state.proj_k.shape == (1, 32, 256) and state.proj_v is None
