@@ -29,7 +29,6 @@ from .attention_common import (
     exact_attention,
     interface_output,
     leading_keys,
-    log_sum_exp_combine,
     masked_fill_value,
     per_unpadded_row,
     prepare_call,
@@ -218,22 +217,21 @@ def windowed_softmax(query, key, value, scores, value_low, fitted_k, first: int,
                      dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One softmax over each query's exact window keys (``window_attention``) and the projected rows (scores
     [B, H, Lq, first + k] with their biases, values value_low [B, H, first + k, D]) minus those the window
-    replaces (``rows_in_window``). The two parts are combined by their log-sum-exps. Returns (out [B, H, Lq, D],
-    the rows' probabilities as shares of the whole softmax [B, H, Lq, first + k])."""
+    replaces (``rows_in_window``). The window enters the rows' softmax as one more column, its log-sum-exp, so
+    one softmax gives both the rows' shares and the window's (and autograd keeps only that softmax's output).
+    Returns (out [B, H, Lq, D], the rows' probabilities as shares of the whole softmax [B, H, Lq, first + k])."""
     dtype = compute_dtype(query.dtype)
     replaced = rows_in_window(fitted_k, query.shape[2], window)  # [B or 1, H or 1, Lq, k]
     if first:
         replaced = torch.nn.functional.pad(replaced, (first, 0))  # the exact first rows stay
-    scores = scores.to(dtype).masked_fill(replaced, masked_fill_value(dtype))
-    lse_rows = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse_rows.unsqueeze(-1))
-    kept = torch.nn.functional.dropout(probs, p=dropout) if dropout > 0.0 else probs
-    out_rows = torch.matmul(kept, value_low.to(dtype))
     out_window, lse_window = window_attention(query.to(dtype), key.to(dtype), value.to(dtype), window, first,
                                               scaling, dropout)
-    out = log_sum_exp_combine([out_rows, out_window], [lse_rows, lse_window])
-    share = torch.exp(lse_rows - torch.logaddexp(lse_rows, lse_window)).unsqueeze(-1)
-    return out.to(query.dtype), (probs * share).to(query.dtype)
+    scores = scores.to(dtype).masked_fill_(replaced, masked_fill_value(dtype))  # autograd keeps no scores
+    joint = torch.softmax(torch.cat([scores, lse_window.unsqueeze(-1)], dim=-1), dim=-1)
+    probs, window_share = joint[..., :-1], joint[..., -1:]
+    kept = torch.nn.functional.dropout(probs, p=dropout) if dropout > 0.0 else probs
+    out = torch.matmul(kept, value_low.to(dtype)) + window_share * out_window
+    return out.to(query.dtype), probs.to(query.dtype)
 
 
 def rows_in_window(fitted: torch.Tensor, query_length: int, window: int) -> torch.Tensor:
