@@ -33,7 +33,7 @@ from .attention_common import (
     per_unpadded_row,
     prepare_call,
 )
-from .gathered_attention import NO_KEY_LSE, gathered_attention
+from .gathered_attention import gathered_attention
 
 SHARING_CHOICES = ("headwise", "kv", "none")
 
@@ -266,7 +266,7 @@ def window_attention(query, key, value, window: int, skip: int, scaling: float, 
     out, lse = gathered_attention(blocked, key, value, positions.clamp(0, lk - 1), lambda lo, hi: allowed[lo:hi],
                                   scaling, dropout)
     out = out.reshape(bsz, heads, count * window, dim)[:, :, lead : lead + lq]
-    return out, lse.reshape(bsz, heads, count * window)[:, :, lead : lead + lq].clamp_min(NO_KEY_LSE)
+    return out, lse.reshape(bsz, heads, count * window)[:, :, lead : lead + lq]  # already >= NO_KEY_LSE
 
 
 def linformer_attention_forward(

@@ -34,7 +34,7 @@ from .attention_common import (
     prepare_call,
 )
 from .decoding_caches import BucketIndexLayer, decoding_layer
-from .gathered_attention import GROUP_ELEMENTS, NO_KEY_LSE, gather_rows, gathered_attention, row_offsets
+from .gathered_attention import GROUP_ELEMENTS, NO_KEY_LSE, gathered_attention
 
 # Queries per block of the bucket window = bucket_size // BUCKET_BLOCK_DIVISOR (lsh_attention's default). Blocks of
 # bucket_size queries overflowed their span for ~6% of queries at 16K tokens; half blocks make that rare at the
@@ -103,11 +103,6 @@ def centred_keys(key: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tens
         return key - key.mean(2, keepdim=True)
     weights = key_mask[:, None, :, None].to(key.dtype)
     return key - (key * weights).sum(2, keepdim=True) / weights.sum(2, keepdim=True).clamp_min(1.0)
-
-
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D], index [B, H, ...] of positions along L -> [B, H, ..., D] (row gather, no expand over D)."""
-    return gather_rows(x, index + row_offsets(x, index.dim() - 2))
 
 
 def _blocks(x: torch.Tensor, width: int) -> torch.Tensor:
