@@ -54,12 +54,13 @@ def test_decode_benchmark_measures_every_method_and_the_performer_cache_stays_fl
 
     from hf_attn_variants.bench.decode import main as decode_main
 
-    assert decode_main(["--contexts", "64", "192", "--tokens", "2", "--out", str(tmp_path)]) == 0
+    assert decode_main(["--contexts", "64", "192", "--tokens", "2", "--repeats", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "decode.json").read_text())
     rows = result["rows"]
     assert {r["method"] for r in rows} == {"full", "performer", "bigbird", "lsh", "full (growing cache)"}
     # Timings are measured, not asserted (a loaded CI host reorders them): every one is a positive number.
     assert result["floor_ms_per_token"] > 0 and all(r["ms_per_token"] > 0 for r in rows)
+    assert all(r["repeats"] == 2 and 0 < r["ms_min"] <= r["ms_per_token"] <= r["ms_max"] for r in rows)
     cache = {(r["method"], r["context"]): r["cache_bytes"] for r in rows}
     assert cache[("performer", 64)] == cache[("performer", 192)] > 0  # running sums: constant
     assert cache[("full", 192)] > 2 * cache[("full", 64)]  # keys and values: grow with the context

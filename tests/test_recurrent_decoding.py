@@ -170,12 +170,17 @@ def test_bigbird_cached_steps_equal_the_parallel_pass_with_left_padding():
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
-def test_the_one_token_recurrent_step_equals_the_general_recurrence(kernel):
+@pytest.mark.parametrize("new_key", ["raises the running max", "stays below it"])
+def test_the_one_token_recurrent_step_equals_the_general_recurrence(kernel, new_key):
     from hf_attn_variants.modeling import performer_attention as pa
 
     generator = torch.Generator().manual_seed(5)
     features = torch.randn(3, 16, 8, generator=generator)
     q, k, v = (torch.randn(2, 3, 1, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    # The key w / sqrt(scaling) has the largest logit feature w can give, |w|^2 / 2: for each head's longest w it
+    # tops the prompt's keys. A near-zero key has logits near 0, below the prompt's max.
+    longest = features.gather(1, features.norm(dim=-1).argmax(1)[:, None, None].expand(3, 1, 8)).double()
+    k = longest.expand(2, 3, 1, 8) / 0.35**0.5 if new_key == "raises the running max" else k * 1e-3
     valid = torch.tensor([[True], [False]])  # the second row's new token is padding: the state must not move
     prompt = [torch.randn(2, 3, 9, 8, generator=generator, dtype=torch.float64) for _ in range(3)]
     _, state, shift = pa.continue_causal_favor(*prompt, features, None, 0.35, kernel, 4, None, None)
@@ -188,6 +193,8 @@ def test_the_one_token_recurrent_step_equals_the_general_recurrence(kernel):
             assert got is None
         else:
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if kernel == "softmax":  # both branches of the step's rescaling run
+        assert bool((step[2] > shift).any()) == (new_key == "raises the running max")
     rescale = 1.0 if kernel == "relu" else torch.exp(shift[1] - step[2][1])
     torch.testing.assert_close(step[1][1], state[1] * rescale)  # padding added nothing
 

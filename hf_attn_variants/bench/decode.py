@@ -8,7 +8,8 @@ the Performer's recurrent state cache, BigBird's growing key/value cache (append
 LSH's bucket index (on the same growing cache), and for ``full`` transformers' own ``DynamicCache`` (the ratios are
 to it); ``full (growing cache)`` is exact attention on the growing cache. Everything runs in one process, one
 variant after another, 2 threads; ms/token is the median over the decoded tokens, each timed alone (after two
-warm-up tokens).
+warm-up tokens). Each method and context runs ``--repeats`` times from a fresh prefill, the repeats interleaved
+across methods; the table gives the median of the repeats, [their range], and the ratio of medians.
 The floor row is the same step with attention removed (an attention function that returns its queries, no cache):
 what the rest of the model costs per token, which no attention method can go below.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -96,6 +98,19 @@ def measure(model, context: int, tokens: int, cache=None) -> dict[str, float]:
     return {"prefill_s": prefill_s, "ms_per_token": ms_per_token, "cache_bytes": cache_bytes(cache)}
 
 
+def new_cache(method: str):
+    """The cache a run decodes with: None lets ``measure`` pick what ``generate`` would."""
+    return GrowingCache() if method == FULL_GROWING else None
+
+
+def summarise(method: str, context: int, measured: list[dict[str, float]]) -> dict:
+    """One table row from repeated runs: the median ms/token and prefill, and the ms/token range."""
+    ms = sorted(m["ms_per_token"] for m in measured)
+    return {"method": method, "context": context, "ms_per_token": statistics.median(ms), "ms_min": ms[0],
+            "ms_max": ms[-1], "prefill_s": statistics.median(m["prefill_s"] for m in measured),
+            "cache_bytes": measured[-1]["cache_bytes"], "repeats": len(ms)}
+
+
 def render(rows: list[dict], floor_ms: float | None = None) -> str:
     """Markdown: ms/token (x full), cache MB and prefill seconds per method and context; the floor (attention
     removed) as a last row when given."""
@@ -108,7 +123,8 @@ def render(rows: list[dict], floor_ms: float | None = None) -> str:
         for context in contexts:
             r = next(x for x in rows if x["method"] == method and x["context"] == context)
             ratio = r["ms_per_token"] / full[context]["ms_per_token"] if context in full else float("nan")
-            cells.append(f"{r['ms_per_token']:.2f} ({ratio:.2f}×) · {r['cache_bytes'] / 2**20:.2f} · "
+            spread = f" [{r['ms_min']:.2f}–{r['ms_max']:.2f}]" if r.get("repeats", 1) > 1 else ""
+            cells.append(f"{r['ms_per_token']:.2f}{spread} ({ratio:.2f}×) · {r['cache_bytes'] / 2**20:.2f} · "
                          f"{r['prefill_s']:.2f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if floor_ms is not None:
@@ -150,17 +166,23 @@ def main(argv=None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
     parser.add_argument("--methods", nargs="+", default=[*METHODS, FULL_GROWING], choices=[*METHODS, FULL_GROWING])
     parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per context")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="fresh prefills per method and context, interleaved across methods")
     parser.add_argument("--out", default="outputs/benchmarks", help="folder for decode.md/.json/.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    rows = []
+    models = {}
     for method in args.methods:
-        model = decoder("full" if method == FULL_GROWING else method, max(args.contexts) + args.tokens)
-        new_cache = GrowingCache if method == FULL_GROWING else lambda: None  # None: what generate would pick
-        measure(model, 64, 2, new_cache())  # warm-up
-        for context in args.contexts:
-            rows.append({"method": method, "context": context, **measure(model, context, args.tokens, new_cache())})
-            print(json.dumps(rows[-1]), flush=True)
+        models[method] = decoder("full" if method == FULL_GROWING else method, max(args.contexts) + args.tokens)
+        measure(models[method], 64, 2, new_cache(method))  # warm-up
+    runs = {(method, context): [] for method in args.methods for context in args.contexts}
+    for repeat in range(args.repeats):  # interleaved: every method meets the same drift of the machine
+        for method, model in models.items():
+            for context in args.contexts:
+                runs[method, context].append(measure(model, context, args.tokens, new_cache(method)))
+                print(json.dumps({"repeat": repeat, "method": method, "context": context,
+                                  **runs[method, context][-1]}), flush=True)
+    rows = [summarise(method, context, measured) for (method, context), measured in runs.items()]
     floor_ms = step_floor(args.tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
