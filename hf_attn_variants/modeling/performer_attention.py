@@ -454,7 +454,6 @@ def recurrent_step(query, key, value, features, valid, scaling, kernel, state, s
     fmap = FeatureMap(features, kernel)
     if kernel == "relu":
         phi_k = fmap.keys(k_logits, None, valid)
-        phi_q = fmap.queries_from_logits(q_logits)
     else:
         k_logits.sub_(key.to(dtype).square().sum(-1, keepdim=True), alpha=scaling / 2)
         if valid is not None:
@@ -464,7 +463,7 @@ def recurrent_step(query, key, value, features, valid, scaling, kernel, state, s
             new_shift = torch.maximum(shift, key_max)
             state, shift = state * torch.exp(shift - new_shift), new_shift
         phi_k = k_logits.sub_(shift).exp_()
-        phi_q = q_logits.sub_(q_logits.amax(-1, keepdim=True)).exp_()
+    phi_q = fmap.queries_from_logits(q_logits)
     v1 = torch.nn.functional.pad(value.to(dtype), (0, 1), value=1.0)
     state = torch.baddbmm(state.flatten(0, 1), phi_k.flatten(0, 1).transpose(1, 2), v1.flatten(0, 1))
     state = state.view(*phi_k.shape[:2], *state.shape[1:])
