@@ -11,7 +11,8 @@ variant after another, 2 threads; ms/token is the median over the decoded tokens
 warm-up tokens). Each method and context runs ``--repeats`` times from a fresh prefill, the repeats interleaved
 across methods; the table gives the median of the repeats, [their range], and the ratio of medians.
 The floor row is the same step with attention removed (an attention function that returns its queries, no cache):
-what the rest of the model costs per token, which no attention method can go below.
+what the rest of the model costs per token, which no attention method can go below (the median of ``--repeats``
+measurements).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
                 print(json.dumps({"repeat": repeat, "method": method, "context": context,
                                   **runs[method, context][-1]}), flush=True)
     rows = [summarise(method, context, measured) for (method, context), measured in runs.items()]
-    floor_ms = step_floor(args.tokens)
+    floor_ms = statistics.median(step_floor(args.tokens) for _ in range(args.repeats))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.json").write_text(json.dumps({"rows": rows, "floor_ms_per_token": floor_ms}, indent=2) + "\n")
