@@ -455,7 +455,7 @@ def recurrent_step(query, key, value, features, valid, scaling, kernel, state, s
     if kernel == "relu":
         phi_k = fmap.keys(k_logits, None, valid)
     else:
-        k_logits.sub_(key.to(dtype).square().sum(-1, keepdim=True), alpha=scaling / 2)
+        k_logits.sub_(both[:, :, 1:].square().sum(-1, keepdim=True), alpha=scaling / 2)
         if valid is not None:
             k_logits.masked_fill_(~valid, torch.finfo(dtype).min)
         key_max = k_logits.amax(-1, keepdim=True)
