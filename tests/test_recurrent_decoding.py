@@ -171,11 +171,15 @@ def test_bigbird_cached_steps_equal_the_parallel_pass_with_left_padding():
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
 @pytest.mark.parametrize("new_key", ["raises the running max", "stays below it"])
-def test_the_one_token_recurrent_step_equals_the_general_recurrence(kernel, new_key):
+@pytest.mark.parametrize("per_head", [True, False], ids=["features per head", "features shared"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd on", "autograd off: state extended in place"])
+def test_the_one_token_recurrent_step_equals_the_general_recurrence(kernel, new_key, per_head, grad):
     from hf_attn_variants.modeling import performer_attention as pa
 
     generator = torch.Generator().manual_seed(5)
     features = torch.randn(3, 16, 8, generator=generator)
+    if not per_head:  # every head gets head 0's features, in the [m, D] shape the step then takes
+        features = features[:1].expand(3, 16, 8).contiguous()
     q, k, v = (torch.randn(2, 3, 1, 8, generator=generator, dtype=torch.float64) for _ in range(3))
     # The key w / sqrt(scaling) has the largest logit feature w can give, |w|^2 / 2: for each head's longest w it
     # tops the prompt's keys. A near-zero key has logits near 0, below the prompt's max.
@@ -184,7 +188,9 @@ def test_the_one_token_recurrent_step_equals_the_general_recurrence(kernel, new_
     valid = torch.tensor([[True], [False]])  # the second row's new token is padding: the state must not move
     prompt = [torch.randn(2, 3, 9, 8, generator=generator, dtype=torch.float64) for _ in range(3)]
     _, state, shift = pa.continue_causal_favor(*prompt, features, None, 0.35, kernel, 4, None, None)
-    step = pa.recurrent_step(q, k, v, features.double(), valid[:, None, :, None], 0.35, kernel, state, shift)
+    with torch.set_grad_enabled(grad):
+        step = pa.recurrent_step(q, k, v, features[0].double() if not per_head else features.double(),
+                                 valid[:, None, :, None], 0.35, kernel, state.clone(), shift)
     qs, ks, v1 = pa._scaled_inputs(q, k, v, 0.35)
     run = pa.causal_pass(qs, ks, v1, pa.FeatureMap(features.double(), kernel), valid[:, None, :, None],
                          pa.causal_key_spans(1, 1, 4), state, shift)

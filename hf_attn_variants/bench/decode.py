@@ -1,6 +1,6 @@
 """Decoding benchmark: ms per generated token, cache bytes and prefill time by context length, per causal variant.
 
-    hf-attn-variants bench --decode [--contexts 1024 4096 16384] [--tokens 32] [--out docs/benchmarks]
+    hf-attn-variants bench --decode [--contexts 1024 4096 16384] [--tokens 64] [--repeats 5] [--out docs/benchmarks]
 
 A Llama-shaped decoder (2 layers, hidden 256, 4 heads, random weights: speed does not depend on them) is
 prefilled with the context, then decodes greedily one token at a time through the cache ``generate`` would use:
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
     parser.add_argument("--methods", nargs="+", default=[*METHODS, FULL_GROWING], choices=[*METHODS, FULL_GROWING])
-    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per context")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--tokens", type=int, default=64, help="tokens decoded per context")
+    parser.add_argument("--repeats", type=int, default=5,
                         help="fresh prefills per method and context, interleaved across methods")
     parser.add_argument("--out", default="outputs/benchmarks", help="folder for decode.md/.json/.png")
     args = parser.parse_args(argv)

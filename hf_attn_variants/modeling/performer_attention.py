@@ -441,35 +441,60 @@ def continue_causal_favor(query, key, value, features, key_mask, scaling, kernel
 
 def recurrent_step(query, key, value, features, valid, scaling, kernel, state, shift):
     """One decoding token in as few kernels as the recurrence allows (per-token cost is dispatch, not FLOPs): the
-    query's and key's feature logits from one matmul, the state extended by phi(k) [v, 1]^T, the output read off
-    phi(q) S. The query's -|q|^2/2 is left out: phi(q) is divided by its row max, which removes any per-row factor.
-    On the CPU, where reading a value to the host costs no synchronisation, the state is rescaled only on the steps
-    where the new key raises the running max. query/key/value [B, H, 1, D], valid [B, 1, 1, 1] bool or None;
-    (state, shift) as in ``continue_causal_favor``, which it equals (tested). Returns (out [B, H, 1, D], state,
-    shift)."""
+    query's and key's feature logits, scale and norm term included, from one (b)addmm; phi of both rows from one
+    exp; the state extended by phi(k) [v, 1]^T and the output read off phi(q) S as [B H]-batched matmuls. The
+    query's -|q|^2/2 goes with its row max (phi(q) is divided by its largest feature, which removes any per-row
+    factor). On the CPU, where reading a value to the host costs no synchronisation, the state is rescaled only on
+    the steps where the new key raises the running max. With autograd off (``generate``) the state is extended in
+    place: the caller's ``state`` tensor is the returned one. query/key/value [B, H, 1, D], valid [B, 1, 1, 1] bool
+    or None; (state, shift) as in ``continue_causal_favor``, which it equals (tested). Returns (out [B, H, 1, D],
+    state, shift)."""
     dtype = features.dtype
-    both = torch.cat([query, key], dim=2).to(dtype)  # [B, H, 2, D]
-    logits = torch.matmul(both, features.transpose(-1, -2)).mul_(math.sqrt(scaling))  # of the scaled inputs
-    q_logits, k_logits = logits[:, :, :1], logits[:, :, 1:]
-    fmap = FeatureMap(features, kernel)
+    bsz, heads, _, dim = query.shape
+    both = torch.cat([query, key], dim=2).to(dtype)  # [B, H, 2, D]: the query's row, then the key's
+    logits = _step_logits(both, features, scaling, kernel)  # [B, H, 2, m]
+    k_logits = logits[:, :, 1:]
     if kernel == "relu":
-        phi_k = fmap.keys(k_logits, None, valid)
+        phi = logits.relu_().div_(math.sqrt(features.shape[-2])).add_(RELU_EPSILON)
+        if valid is not None:
+            phi[:, :, 1:].masked_fill_(~valid, 0.0)
     else:
-        k_logits.sub_(both[:, :, 1:].square().sum(-1, keepdim=True), alpha=scaling / 2)
         if valid is not None:
             k_logits.masked_fill_(~valid, torch.finfo(dtype).min)
-        key_max = k_logits.amax(-1, keepdim=True)
+        row_max = logits.amax(-1, keepdim=True)  # [B, H, 2, 1]
+        key_max = row_max[:, :, 1:]
         if key_max.device.type != "cpu" or bool((key_max > shift).any()):
             new_shift = torch.maximum(shift, key_max)
             state, shift = state * torch.exp(shift - new_shift), new_shift
-        phi_k = k_logits.sub_(shift).exp_()
-    phi_q = fmap.queries_from_logits(q_logits)
-    v1 = torch.nn.functional.pad(value.to(dtype), (0, 1), value=1.0)
-    state = torch.baddbmm(state.flatten(0, 1), phi_k.flatten(0, 1).transpose(1, 2), v1.flatten(0, 1))
-    state = state.view(*phi_k.shape[:2], *state.shape[1:])
-    read = torch.matmul(phi_q, state)  # [B, H, 1, D + 1]
+        phi = logits.sub_(torch.cat([row_max[:, :, :1], shift], dim=2)).exp_()
+    phi = phi.reshape(bsz * heads, 2, -1)  # (B H, 2, m): a copy only for per-head features and B > 1
+    v1 = torch.nn.functional.pad(value.to(dtype), (0, 1), value=1.0).view(bsz * heads, 1, dim + 1)
+    flat = state.reshape(bsz * heads, *state.shape[2:])  # (B H, m, D + 1)
+    if torch.is_grad_enabled() or flat.data_ptr() != state.data_ptr():
+        flat = torch.baddbmm(flat, phi[:, 1:].transpose(1, 2), v1)
+    else:
+        flat.baddbmm_(phi[:, 1:].transpose(1, 2), v1)
+    read = torch.bmm(phi[:, :1], flat)  # (B H, 1, D + 1)
     out = read[..., :-1] / floored(read[..., -1:])
-    return out.to(query.dtype), state, shift
+    return out.view(bsz, heads, 1, dim).to(query.dtype), flat.view(state.shape), shift
+
+
+def _step_logits(both: torch.Tensor, features: torch.Tensor, scaling: float, kernel: str) -> torch.Tensor:
+    """FeatureMap.logits of the rows ``both`` [B, H, n, D] scaled by sqrt(scaling) -> [B, H, n, m]; features [m, D]
+    (shared) or [H, m, D] (per head). Softmax kernels in one (b)addmm: the scale as alpha, -|x|^2 scaling / 2 as
+    the added input."""
+    bsz, heads, n, dim = both.shape
+    root = math.sqrt(scaling)
+    if kernel == "relu":
+        return torch.matmul(both, features.transpose(-1, -2)).mul_(root)
+    norms, beta = torch.linalg.vecdot(both, both).unsqueeze(-1), -scaling / 2
+    if features.dim() == 2:
+        flat = torch.addmm(norms.reshape(-1, 1), both.reshape(-1, dim), features.t(), beta=beta, alpha=root)
+        return flat.view(bsz, heads, n, -1)
+    by_head = both.transpose(0, 1).reshape(heads, bsz * n, dim)  # (H, B n, D)
+    logits = torch.baddbmm(norms.transpose(0, 1).reshape(heads, bsz * n, 1), by_head, features.transpose(1, 2),
+                           beta=beta, alpha=root)
+    return logits.view(heads, bsz, n, -1).transpose(0, 1)
 
 
 def causal_key_spans(query_length: int, key_length: int, chunk: int) -> list[tuple[int, int]]:
