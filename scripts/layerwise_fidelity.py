@@ -28,6 +28,11 @@ from hf_attn_variants.fidelity import evaluate_fidelity
 
 CASES = [  # (label, variant, settings, stage-1 learning rate or None: nothing to train, epochs or None: --epochs)
     ("performer (FAVOR+, m=256)", "performer", {"num_features": 256}, None, None),
+    # FAVOR+'s random features with LoLCATs' exact window (nothing to train): the hybrid without learned features.
+    ("performer (FAVOR+, m=256) + exact window 64 + exact first token, as converted", "performer",
+     {"num_features": 256, "window": 64, "exact_first": 1}, None, None),
+    ("performer (FAVOR+, m=256) + exact window 128 + exact first token, as converted", "performer",
+     {"num_features": 256, "window": 128, "exact_first": 1}, None, None),
     ("performer, learned kernel (m=64)", "performer", {"kernel": "learned", "num_features": 64}, 1e-2, 1),
     ("performer, learned kernel (m=128) + exact window 64 (hybrid)", "performer",
      {"kernel": "learned", "num_features": 128, "window": 64}, 1e-2, None),
