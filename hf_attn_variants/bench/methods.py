@@ -133,13 +133,22 @@ def build(method: str, length: int, causal: bool) -> torch.nn.Module:
     if method == "lucidrains-performer":
         from performer_pytorch import SelfAttention
 
-        attention = SelfAttention(dim=HIDDEN, heads=HEADS, dim_head=HEAD_DIM, nb_features=256, causal=causal)
-        return attention
+        return with_bert_output(SelfAttention(dim=HIDDEN, heads=HEADS, dim_head=HEAD_DIM, nb_features=256,
+                                              causal=causal))
     if method == "lucidrains-linformer":
         from linformer import LinformerSelfAttention
 
-        return LinformerSelfAttention(dim=HIDDEN, seq_len=length, k=256, heads=HEADS, dim_head=HEAD_DIM)
+        return with_bert_output(LinformerSelfAttention(dim=HIDDEN, seq_len=length, k=256, heads=HEADS,
+                                                       dim_head=HEAD_DIM))
     raise ValueError(f"unknown method {method!r}")
+
+
+def with_bert_output(attention: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A lucidrains attention module (Q/K/V projections, attention, output projection) followed by the rest of
+    BERT's attention block, LayerNorm(x + attention(x)), so that the peer's layer does the same work as ours
+    (BertAttention: the same projections, then the residual and LayerNorm of BertSelfOutput)."""
+    norm = torch.nn.LayerNorm(HIDDEN, eps=1e-12)
+    return lambda x: norm(x + attention(x))
 
 
 def build_model(name: str, variant: str, length: int):
