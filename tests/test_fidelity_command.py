@@ -89,3 +89,25 @@ def test_retrieval_agreement_counts_texts_whose_nearest_neighbour_is_unchanged()
     assert retrieval_agreement(reference, reference * 3) == 1.0
     swapped = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])  # neighbours: 2, 3, 0, 1
     assert retrieval_agreement(reference, swapped) == 0.0
+
+
+def test_long_attention_mass_classifies_keys_by_distance_tile_alias_and_first_token():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "long_attention_mass.py"
+    spec = importlib.util.spec_from_file_location("long_attention_mass", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    n = 1024
+    probs = torch.zeros(1, n, n)
+    query = torch.arange(n)
+    probs[0, query, 0] = 0.1  # the first token
+    probs[0, query, (query + 100) % n] += 0.2  # within 128 for most queries, else an ordinary far key
+    probs[0, query, (query + 513) % n] += 0.3  # another tile, own tiled position + 1: an alias
+    probs[0, query, (query + 300) % n] += 0.4  # far, not an alias
+    shares = script.mass_shares(probs)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+    assert shares["first"] == pytest.approx(0.1, abs=0.01)
+    assert shares["alias"] == pytest.approx(0.3, abs=0.01)
+    assert shares["near"] == pytest.approx(0.2 * (n - 100) / n, abs=0.01)
