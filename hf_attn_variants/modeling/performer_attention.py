@@ -454,8 +454,8 @@ def recurrent_step(query, key, value, features, valid, scaling, kernel, state, s
     both = torch.cat([query, key], dim=2).to(dtype)  # [B, H, 2, D]: the query's row, then the key's
     logits = _step_logits(both, features, scaling, kernel)  # [B, H, 2, m]
     k_logits = logits[:, :, 1:]
-    if kernel == "relu":
-        phi = logits.relu_().div_(math.sqrt(features.shape[-2])).add_(RELU_EPSILON)
+    if kernel == "relu":  # the same map for both rows, no stabiliser
+        phi = FeatureMap(features, kernel).queries_from_logits(logits)
         if valid is not None:
             phi[:, :, 1:].masked_fill_(~valid, 0.0)
     else:
@@ -470,7 +470,7 @@ def recurrent_step(query, key, value, features, valid, scaling, kernel, state, s
     phi = phi.reshape(bsz * heads, 2, -1)  # (B H, 2, m): a copy only for per-head features and B > 1
     v1 = torch.nn.functional.pad(value.to(dtype), (0, 1), value=1.0).view(bsz * heads, 1, dim + 1)
     flat = state.reshape(bsz * heads, *state.shape[2:])  # (B H, m, D + 1)
-    if torch.is_grad_enabled() or flat.data_ptr() != state.data_ptr():
+    if torch.is_grad_enabled():
         flat = torch.baddbmm(flat, phi[:, 1:].transpose(1, 2), v1)
     else:
         flat.baddbmm_(phi[:, 1:].transpose(1, 2), v1)
