@@ -83,7 +83,7 @@ def test_linformer_with_identity_projections_and_k_equal_n_is_exact():
     q, k, v = qkv()
     eye = torch.eye(N)[None]
     out, probs = linformer_attention(q, k, v, eye, eye, None, SCALE)
-    assert probs.shape == (B, H, N, N)
+    assert probs is None  # RowsAttention keeps no [N, rows] probabilities
     torch.testing.assert_close(out, reference(q, k, v), atol=1e-5, rtol=0)
 
 
@@ -153,6 +153,31 @@ def test_lsh_hand_written_backward_passes_gradcheck(causal, dropout):
                              group_elements=100, bucket_block_divisor=1)
 
     assert torch.autograd.gradcheck(core, (q, k, v))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("case", ["heads share E, no padding", "E per head, padding, first key exact"])
+def test_linformer_rows_attention_hand_written_backward_passes_gradcheck(monkeypatch, dropout, case):
+    """RowsAttention (every query against the same projected rows, by blocks of queries, scores recomputed in the
+    backward): gradients of q, k, v and E through it and the length bias, with several query blocks and attention
+    dropout (the same seed in every call, so the backward must regenerate the forward's masks)."""
+    from hf_attn_variants.modeling import linformer_attention as la
+
+    # rows: the first key and k = 6, aligned to 16; 2 x 2 heads x 4 queries x 16 rows per block: 4 query blocks
+    monkeypatch.setattr(la, "GROUP_ELEMENTS", 2 * 2 * 4 * 16)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 13, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    per_head = case.startswith("E per head")
+    proj = torch.rand(2 if per_head else 1, 6, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = right_padding(13, pad=4) if per_head else None
+    first = 1 if per_head else 0
+
+    def core(q, k, v, proj):
+        torch.manual_seed(0)
+        return la.linformer_attention(q, k, v, proj, proj, mask, SCALE, dropout, exact_first=first)[0]
+
+    assert len(la.query_blocks(q, la.ROW_ALIGNMENT)) == 4
+    assert torch.autograd.gradcheck(core, (q, k, v, proj))
 
 
 @pytest.mark.parametrize("causal", [False, True])

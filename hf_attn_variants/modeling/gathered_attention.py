@@ -78,14 +78,9 @@ class GatheredAttention(torch.autograd.Function):
             group_lse, group_delta = slots.read(lse.unsqueeze(-1), lo, hi), slots.read(delta, lo, hi)
             allowed = slots.allowed(mask, lo, hi)
             probs = masked_scores(queries, keys, allowed, scaling).sub_(group_lse).exp_()
-            grad_probs = torch.matmul(grads, values.transpose(-1, -2))
-            kept = probs
-            if dropout > 0.0:
-                keep = dropout_factors(probs, seed, lo, dropout)
-                grad_probs.mul_(keep)
-                kept = probs * keep
+            kept, grad_scores = softmax_block_backward(probs, grads, values, group_delta, dropout, seed, lo)
             scatter_add_rows(grad_value, index, torch.matmul(kept.transpose(-1, -2), grads))
-            grad_scores = grad_probs.sub_(group_delta).mul_(probs).mul_(scaling)
+            grad_scores.mul_(scaling)
             slots.write(grad_query, torch.matmul(grad_scores, keys), lo, hi)
             scatter_add_rows(grad_key, index, torch.matmul(grad_scores.transpose(-1, -2), queries))
         return slots.finish(grad_query, per_row=False), grad_key, grad_value, None, None, None, None, None, None
@@ -203,6 +198,21 @@ def masked_scores(queries, keys, allowed, scaling) -> torch.Tensor:
     number takes libm's slow underflow path, 10-20x slower)."""
     scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scaling)
     return scores.masked_fill_(~allowed, float("-inf"))
+
+
+def softmax_block_backward(probs, grads, values, delta, dropout: float, seed: int, block_start: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of out = dropout(probs) values for one block: probs [*, w, K] recomputed from the saved lse,
+    grads [*, w, D] (d out), values [*, K, D], delta [*, w, 1] = rowsum(d out * out). Returns (the probabilities
+    as the forward used them, dropout applied: d values = kept^T grads; d scores = P * (dP - delta), before the
+    scale)."""
+    grad_probs = torch.matmul(grads, values.transpose(-1, -2))
+    kept = probs
+    if dropout > 0.0:
+        keep = dropout_factors(probs, seed, block_start, dropout)
+        grad_probs.mul_(keep)
+        kept = probs * keep
+    return kept, grad_probs.sub_(delta).mul_(probs)
 
 
 def dropout_factors(probs: torch.Tensor, seed: int, group_start: int, dropout: float) -> torch.Tensor:

@@ -32,8 +32,15 @@ from .attention_common import (
     masked_fill_value,
     per_unpadded_row,
     prepare_call,
+    spans,
 )
-from .gathered_attention import gathered_attention
+from .gathered_attention import (
+    GROUP_ELEMENTS,
+    NO_KEY_LSE,
+    dropout_factors,
+    gathered_attention,
+    softmax_block_backward,
+)
 
 SHARING_CHOICES = ("headwise", "kv", "none")
 # The attended rows (exact first keys + k projected ones) are padded with masked rows to a multiple of this: the
@@ -172,12 +179,12 @@ def linformer_attention(
     dropout: float = 0.0,
     exact_first: int = 0,
     window: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Functional core. query [B, H, Lq, D] at positions Lk - Lq + i; key/value [B, H, Lk, D]; proj_* [H or 1, k,
     max_length]; key_mask [B, Lk] bool or None; the first ``exact_first`` real keys are attended exactly, the rest
     projected; ``window`` > 0 (needs key_mask None: padded rows go through per_unpadded_row): see
-    ``windowed_softmax``. Returns (output [B, H, Lq, D], the projected rows' probabilities [B, H, Lq,
-    exact_first + k], as shares of each query's whole softmax).
+    ``windowed_softmax``. Returns (output [B, H, Lq, D], with a window the projected rows' probabilities [B, H, Lq,
+    exact_first + k], as shares of each query's whole softmax; without one None: ``RowsAttention`` keeps none).
 
     Length-normalised projection: projected row j is the E-weighted *mean* of the real keys (values) feeding it,
     with weight w_j = sum_i |E_ji| over real positions, and its logit gets + log w_j, so a row pooling c equal keys
@@ -208,18 +215,76 @@ def linformer_attention(
     if spare:  # masked rows: probability 0, but aligned matmuls
         key_low, value_low = (torch.nn.functional.pad(x, (0, 0, 0, spare)) for x in (key_low, value_low))
         bias = torch.nn.functional.pad(bias, (0, spare), value=masked_fill_value(key.dtype))
+    if not window:
+        dtype = compute_dtype(query.dtype)
+        out = RowsAttention.apply(query.to(dtype), key_low.to(dtype), value_low.to(dtype), bias.to(dtype), scaling,
+                                  dropout)
+        return out.to(query.dtype), None
+    if key_mask is not None:
+        raise ValueError("linformer_attention with a window takes unpadded rows (key_mask=None); run padded "
+                         "batches through per_unpadded_row.")
     scores = torch.matmul(query * scaling, key_low.transpose(-1, -2)).add_(bias)  # (B, H, Lq, rows + spare)
-    if window:
-        if key_mask is not None:
-            raise ValueError("linformer_attention with a window takes unpadded rows (key_mask=None); run padded "
-                             "batches through per_unpadded_row.")
-        out, probs = windowed_softmax(query, key, value, scores, value_low, fitted_k, exact_first, window, scaling,
-                                      dropout)
-        return out, probs[..., :rows]
-    probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(query.dtype)
-    if dropout > 0.0:
-        probs = torch.nn.functional.dropout(probs, p=dropout)
-    return torch.matmul(probs, value_low), probs[..., :rows]
+    out, probs = windowed_softmax(query, key, value, scores, value_low, fitted_k, exact_first, window, scaling,
+                                  dropout)
+    return out, probs[..., :rows]
+
+
+class RowsAttention(torch.autograd.Function):
+    """out = softmax(q rows^T * scale + bias) values, every query against the same few rows, by blocks of queries,
+    with a flash-style backward: nothing of size Lq x rows is kept (the scores are recomputed from the saved
+    log-sum-exp), and every block's temporaries are small enough to be reused from the allocator's cache (the
+    dense [Lq, rows] probabilities and their softmax backward, 200 MB per layer at 16K tokens, cost more in fresh
+    memory pages than in arithmetic).
+
+    query [B, H, Lq, D]; rows/values [B, H, R, D]; bias [B or 1, H or 1, 1, R]. Returns [B, H, Lq, D]. Dropout
+    masks come from a seed drawn from torch's generator; the backward regenerates them."""
+
+    @staticmethod
+    def forward(ctx, query, rows, values, bias, scaling, dropout):
+        out = torch.empty_like(query)
+        lse = query.new_empty(query.shape[:-1])
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
+        for lo, hi in query_blocks(query, rows.shape[2]):
+            scores = torch.matmul(query[:, :, lo:hi], rows.transpose(-1, -2)).mul_(scaling).add_(bias)
+            block_lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp_min_(NO_KEY_LSE)
+            probs = scores.sub_(block_lse).exp_()
+            if dropout > 0.0:
+                probs.mul_(dropout_factors(probs, seed, lo, dropout))
+            out[:, :, lo:hi] = torch.matmul(probs, values)
+            lse[:, :, lo:hi] = block_lse.squeeze(-1)
+        ctx.save_for_backward(query, rows, values, bias, out, lse)
+        ctx.settings = (scaling, dropout, seed)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        query, rows, values, bias, out, lse = ctx.saved_tensors
+        scaling, dropout, seed = ctx.settings
+        grad_query = torch.empty_like(query)
+        grad_rows, grad_values = torch.zeros_like(rows), torch.zeros_like(values)
+        grad_scores_sum = query.new_zeros(*query.shape[:2], 1, rows.shape[2])  # d bias, before broadcasting
+        delta = (grad_out * out).sum(-1, keepdim=True)  # d scores = P * (dP - rowsum(dO * O))
+        for lo, hi in query_blocks(query, rows.shape[2]):
+            q, grad = query[:, :, lo:hi], grad_out[:, :, lo:hi]
+            scores = torch.matmul(q, rows.transpose(-1, -2)).mul_(scaling).add_(bias)
+            probs = scores.sub_(lse[:, :, lo:hi].unsqueeze(-1)).exp_()
+            kept, grad_scores = softmax_block_backward(probs, grad, values, delta[:, :, lo:hi], dropout, seed, lo)
+            grad_values.add_(torch.matmul(kept.transpose(-1, -2), grad))
+            grad_scores_sum.add_(grad_scores.sum(-2, keepdim=True))
+            grad_query[:, :, lo:hi] = torch.matmul(grad_scores, rows)
+            grad_rows.add_(torch.matmul(grad_scores.transpose(-1, -2), q))
+        grad_query.mul_(scaling)
+        grad_rows.mul_(scaling)
+        shared = [d for d in range(2) if bias.shape[d] == 1 < grad_scores_sum.shape[d]]  # broadcast dims of bias
+        grad_bias = grad_scores_sum.sum(shared, keepdim=True) if shared else grad_scores_sum
+        return grad_query, grad_rows, grad_values, grad_bias, None, None
+
+
+def query_blocks(query: torch.Tensor, rows: int) -> list[tuple[int, int]]:
+    """[lo, hi) query ranges whose scores [B, H, hi - lo, rows] hold about GROUP_ELEMENTS numbers."""
+    size = max(1, GROUP_ELEMENTS // (query.shape[0] * query.shape[1] * rows))
+    return spans(query.shape[2], size)
 
 
 def windowed_softmax(query, key, value, scores, value_low, fitted_k, first: int, window: int, scaling: float,
