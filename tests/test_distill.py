@@ -72,12 +72,14 @@ def sharpen(model):
     return model
 
 
-def teacher_and_data(bert_with_tokenizer, tmp_path):
-    """A sharpened tiny BERT folder with its tokenizer, and a jsonl of LOCAL_TEXT's sentences."""
+def teacher_and_data(bert_with_tokenizer, tmp_path, dropout: bool = True):
+    """A sharpened tiny BERT folder with its tokenizer (``dropout`` False: its dropout probabilities set to 0, and
+    so those of every student converted from it), and a jsonl of LOCAL_TEXT's sentences."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     teacher_folder = tmp_path / "teacher"
-    sharpen(AutoModelForMaskedLM.from_pretrained(bert_with_tokenizer)).save_pretrained(teacher_folder)
+    off = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    sharpen(AutoModelForMaskedLM.from_pretrained(bert_with_tokenizer, **off)).save_pretrained(teacher_folder)
     AutoTokenizer.from_pretrained(bert_with_tokenizer).save_pretrained(teacher_folder)
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": s}) + "\n" for s in LOCAL_TEXT.split(". ") if s))
@@ -85,9 +87,9 @@ def teacher_and_data(bert_with_tokenizer, tmp_path):
 
 
 def distill_recipe(bert_with_tokenizer, tmp_path, attention: str, settings: dict, training: dict,
-                   distill: dict):
+                   distill: dict, dropout: bool = True):
     """A feature-extraction distillation recipe from the sharpened tiny teacher, on LOCAL_TEXT's sentences."""
-    teacher_folder, data = teacher_and_data(bert_with_tokenizer, tmp_path)
+    teacher_folder, data = teacher_and_data(bert_with_tokenizer, tmp_path, dropout)
     recipe = tmp_path / "distill.yaml"
     recipe.write_text("# hf-attn-variants distill distill.yaml\n" + yaml.safe_dump({
         "model": str(teacher_folder), "attention": attention, "settings": settings,
@@ -101,11 +103,13 @@ def distill_recipe(bert_with_tokenizer, tmp_path, attention: str, settings: dict
 def test_distill_recipe_end_to_end(bert_with_tokenizer, tmp_path):
     recipe = distill_recipe(bert_with_tokenizer, tmp_path, "linformer", {"k": 4},
                             {"num_train_epochs": 8, "learning_rate": 3e-3, "logging_steps": 1},
-                            {"stages": [1, 2], "stage2_training": {"learning_rate": 3e-4}})
+                            {"stages": [1, 2], "stage2_training": {"learning_rate": 3e-4}}, dropout=False)
     torch.manual_seed(0)  # the outcome must not hang on what earlier tests drew
     metrics = run_distill(load_recipe(recipe))
-    # Means of 3 logged losses. Stage 2 starts within 1e-4 of the teacher's pooled output: its loss falls by ~5%.
-    for stage, factor in ((1, 0.9), (2, 0.99)):
+    # Means of 3 logged losses. Without dropout (with it, stage 2's loss, which starts within 1e-4 of the teacher's
+    # pooled output, is mostly dropout noise: its last/first ratio ranged 0.82-1.07 over seeds), stage 1 falls to
+    # 0.55-0.65 and stage 2 to 0.14-0.16 of its first losses (3 seeds).
+    for stage, factor in ((1, 0.8), (2, 0.5)):
         assert metrics[f"stage{stage}_last_loss"] < factor * metrics[f"stage{stage}_first_loss"], metrics
     assert metrics["cosine_after"] >= metrics["cosine_before"] - 1e-4, metrics  # tiny models: all close to 1
     assert metrics["cosine_short_after"] >= metrics["cosine_short_before"] - 1e-3, metrics  # the non-regression rule
