@@ -179,12 +179,11 @@ def linformer_attention(
     dropout: float = 0.0,
     exact_first: int = 0,
     window: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """Functional core. query [B, H, Lq, D] at positions Lk - Lq + i; key/value [B, H, Lk, D]; proj_* [H or 1, k,
     max_length]; key_mask [B, Lk] bool or None; the first ``exact_first`` real keys are attended exactly, the rest
     projected; ``window`` > 0 (needs key_mask None: padded rows go through per_unpadded_row): see
-    ``windowed_softmax``. Returns (output [B, H, Lq, D], with a window the projected rows' probabilities [B, H, Lq,
-    exact_first + k], as shares of each query's whole softmax; without one None: ``RowsAttention`` keeps none).
+    ``windowed_softmax``. Returns the output [B, H, Lq, D].
 
     Length-normalised projection: projected row j is the E-weighted *mean* of the real keys (values) feeding it,
     with weight w_j = sum_i |E_ji| over real positions, and its logit gets + log w_j, so a row pooling c equal keys
@@ -217,16 +216,14 @@ def linformer_attention(
         bias = torch.nn.functional.pad(bias, (0, spare), value=masked_fill_value(key.dtype))
     if not window:
         dtype = compute_dtype(query.dtype)
-        out = RowsAttention.apply(query.to(dtype), key_low.to(dtype), value_low.to(dtype), bias.to(dtype), scaling,
-                                  dropout)
-        return out.to(query.dtype), None
+        out = RowsAttention.apply(query.to(dtype), key_low.to(dtype), value_low.to(dtype), bias.to(dtype), None,
+                                  None, None, scaling, dropout)
+        return out.to(query.dtype)
     if key_mask is not None:
         raise ValueError("linformer_attention with a window takes unpadded rows (key_mask=None); run padded "
                          "batches through per_unpadded_row.")
-    scores = torch.matmul(query * scaling, key_low.transpose(-1, -2)).add_(bias)  # (B, H, Lq, rows + spare)
-    out, probs = windowed_softmax(query, key, value, scores, value_low, fitted_k, exact_first, window, scaling,
-                                  dropout)
-    return out, probs[..., :rows]
+    return windowed_softmax(query, key, value, key_low, value_low, bias, fitted_k, exact_first, window, scaling,
+                            dropout)
 
 
 class RowsAttention(torch.autograd.Function):
@@ -236,39 +233,54 @@ class RowsAttention(torch.autograd.Function):
     dense [Lq, rows] probabilities and their softmax backward, 200 MB per layer at 16K tokens, cost more in fresh
     memory pages than in arithmetic).
 
-    query [B, H, Lq, D]; rows/values [B, H, R, D]; bias [B or 1, H or 1, 1, R]. Returns [B, H, Lq, D]. Dropout
-    masks come from a seed drawn from torch's generator; the backward regenerates them."""
+    query [B, H, Lq, D]; rows/values [B, H, R, D]; bias [B or 1, H or 1, 1, R]. Optionally (the exact window), one
+    more column per query joins the softmax: extra_logit [B, H, Lq] with its value extra_value [B, H, Lq, D], and
+    excluded [B or 1, H or 1, Lq, R] bool names rows a query does not attend. Returns [B, H, Lq, D]. Dropout (on the
+    rows' probabilities) comes from a seed drawn from torch's generator; the backward regenerates the masks."""
 
     @staticmethod
-    def forward(ctx, query, rows, values, bias, scaling, dropout):
+    def forward(ctx, query, rows, values, bias, extra_logit, extra_value, excluded, scaling, dropout):
         out = torch.empty_like(query)
         lse = query.new_empty(query.shape[:-1])
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
+        parts = (rows, bias, extra_logit, excluded, scaling)
         for lo, hi in query_blocks(query, rows.shape[2]):
-            scores = torch.matmul(query[:, :, lo:hi], rows.transpose(-1, -2)).mul_(scaling).add_(bias)
-            block_lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp_min_(NO_KEY_LSE)
-            probs = scores.sub_(block_lse).exp_()
+            scores = block_scores(query, *parts, lo, hi)
+            block_lse = torch.logsumexp(scores, dim=-1)
+            if extra_logit is not None:
+                block_lse = torch.logaddexp(block_lse, extra_logit[:, :, lo:hi])
+            block_lse = block_lse.clamp_min_(NO_KEY_LSE)
+            probs = scores.sub_(block_lse.unsqueeze(-1)).exp_()
             if dropout > 0.0:
                 probs.mul_(dropout_factors(probs, seed, lo, dropout))
-            out[:, :, lo:hi] = torch.matmul(probs, values)
-            lse[:, :, lo:hi] = block_lse.squeeze(-1)
-        ctx.save_for_backward(query, rows, values, bias, out, lse)
+            block_out = torch.matmul(probs, values)
+            if extra_logit is not None:
+                share = torch.exp(extra_logit[:, :, lo:hi] - block_lse).unsqueeze(-1)
+                block_out.add_(share * extra_value[:, :, lo:hi])
+            out[:, :, lo:hi] = block_out
+            lse[:, :, lo:hi] = block_lse
+        ctx.save_for_backward(query, rows, values, bias, extra_logit, extra_value, excluded, out, lse)
         ctx.settings = (scaling, dropout, seed)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        query, rows, values, bias, out, lse = ctx.saved_tensors
+        query, rows, values, bias, extra_logit, extra_value, excluded, out, lse = ctx.saved_tensors
         scaling, dropout, seed = ctx.settings
         grad_query = torch.empty_like(query)
         grad_rows, grad_values = torch.zeros_like(rows), torch.zeros_like(values)
         grad_scores_sum = query.new_zeros(*query.shape[:2], 1, rows.shape[2])  # d bias, before broadcasting
         delta = (grad_out * out).sum(-1, keepdim=True)  # d scores = P * (dP - rowsum(dO * O))
+        grad_extra_logit = grad_extra_value = None
+        if extra_logit is not None:
+            share = torch.exp(extra_logit - lse).unsqueeze(-1)  # the extra column's probability [B, H, Lq, 1]
+            grad_extra_value = share * grad_out
+            grad_extra_logit = (share * ((grad_out * extra_value).sum(-1, keepdim=True) - delta)).squeeze(-1)
+        parts = (rows, bias, extra_logit, excluded, scaling)
         for lo, hi in query_blocks(query, rows.shape[2]):
             q, grad = query[:, :, lo:hi], grad_out[:, :, lo:hi]
-            scores = torch.matmul(q, rows.transpose(-1, -2)).mul_(scaling).add_(bias)
-            probs = scores.sub_(lse[:, :, lo:hi].unsqueeze(-1)).exp_()
+            probs = block_scores(query, *parts, lo, hi).sub_(lse[:, :, lo:hi].unsqueeze(-1)).exp_()
             kept, grad_scores = softmax_block_backward(probs, grad, values, delta[:, :, lo:hi], dropout, seed, lo)
             grad_values.add_(torch.matmul(kept.transpose(-1, -2), grad))
             grad_scores_sum.add_(grad_scores.sum(-2, keepdim=True))
@@ -278,7 +290,13 @@ class RowsAttention(torch.autograd.Function):
         grad_rows.mul_(scaling)
         shared = [d for d in range(2) if bias.shape[d] == 1 < grad_scores_sum.shape[d]]  # broadcast dims of bias
         grad_bias = grad_scores_sum.sum(shared, keepdim=True) if shared else grad_scores_sum
-        return grad_query, grad_rows, grad_values, grad_bias, None, None
+        return grad_query, grad_rows, grad_values, grad_bias, grad_extra_logit, grad_extra_value, None, None, None
+
+
+def block_scores(query, rows, bias, extra_logit, excluded, scaling, lo: int, hi: int) -> torch.Tensor:
+    """RowsAttention's scores of queries lo..hi-1: [B, H, hi - lo, R], excluded rows at -inf."""
+    scores = torch.matmul(query[:, :, lo:hi], rows.transpose(-1, -2)).mul_(scaling).add_(bias)
+    return scores if excluded is None else scores.masked_fill_(excluded[..., lo:hi, :], float("-inf"))
 
 
 def query_blocks(query: torch.Tensor, rows: int) -> list[tuple[int, int]]:
@@ -287,25 +305,22 @@ def query_blocks(query: torch.Tensor, rows: int) -> list[tuple[int, int]]:
     return spans(query.shape[2], size)
 
 
-def windowed_softmax(query, key, value, scores, value_low, fitted_k, first: int, window: int, scaling: float,
-                     dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One softmax over each query's exact window keys (``window_attention``) and the projected rows (scores
-    [B, H, Lq, first + k] with their biases, values value_low [B, H, first + k, D]) minus those the window
-    replaces (``rows_in_window``). The window enters the rows' softmax as one more column, its log-sum-exp, so
-    one softmax gives both the rows' shares and the window's (and autograd keeps only that softmax's output).
-    Returns (out [B, H, Lq, D], the rows' probabilities as shares of the whole softmax [B, H, Lq, first + k])."""
+def windowed_softmax(query, key, value, key_low, value_low, bias, fitted_k, first: int, window: int, scaling: float,
+                     dropout: float) -> torch.Tensor:
+    """One softmax over each query's exact window keys (``window_attention``) and the projected rows (key_low /
+    value_low [B, H, R, D] with their biases [B or 1, H or 1, 1, R]: the first keys, then k projected, then
+    alignment rows) minus those the window replaces (``rows_in_window``). The window joins the rows' softmax as one
+    more column, its log-sum-exp, with its output as that column's value (``RowsAttention``). Returns
+    out [B, H, Lq, D]."""
     dtype = compute_dtype(query.dtype)
     replaced = rows_in_window(fitted_k, query.shape[2], window)  # [B or 1, H or 1, Lq, k]
     # the exact first rows stay; the alignment rows are masked by their bias already
-    replaced = torch.nn.functional.pad(replaced, (first, scores.shape[-1] - first - replaced.shape[-1]))
+    replaced = torch.nn.functional.pad(replaced, (first, key_low.shape[2] - first - replaced.shape[-1]))
     out_window, lse_window = window_attention(query.to(dtype), key.to(dtype), value.to(dtype), window, first,
                                               scaling, dropout)
-    scores = scores.to(dtype).masked_fill_(replaced, masked_fill_value(dtype))  # autograd keeps no scores
-    joint = torch.softmax(torch.cat([scores, lse_window.unsqueeze(-1)], dim=-1), dim=-1)
-    probs, window_share = joint[..., :-1], joint[..., -1:]
-    kept = torch.nn.functional.dropout(probs, p=dropout) if dropout > 0.0 else probs
-    out = torch.matmul(kept, value_low.to(dtype)) + window_share * out_window
-    return out.to(query.dtype), probs.to(query.dtype)
+    out = RowsAttention.apply(query.to(dtype), key_low.to(dtype), value_low.to(dtype), bias.to(dtype), lse_window,
+                              out_window, replaced, scaling, dropout)
+    return out.to(query.dtype)
 
 
 def rows_in_window(fitted: torch.Tensor, query_length: int, window: int) -> torch.Tensor:
@@ -372,12 +387,12 @@ def linformer_attention_forward(
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # one row, no padding
         if k.shape[2] <= state.settings.k:  # k projections of <= k keys lose nothing: compute it exactly
             return exact_attention(q, k, v, None, False, call.scaling, dropout)
-        return linformer_attention(q, k, v, proj_k, proj_v, None, call.scaling, dropout, first, window)[0]
+        return linformer_attention(q, k, v, proj_k, proj_v, None, call.scaling, dropout, first, window)
 
     lengths = call.key.shape[2] if call.key_mask is None else call.key_mask.sum(-1)
     batched = call.key_mask is None or not window  # the window blocks count real tokens: padded rows one by one
     if batched and bool((torch.as_tensor(lengths) > state.settings.k).all()):  # no row takes the exact path
-        out, _ = linformer_attention(query, call.key, call.value, proj_k, proj_v, call.key_mask, call.scaling,
+        out = linformer_attention(query, call.key, call.value, proj_k, proj_v, call.key_mask, call.scaling,
                                      dropout, first, window)
         return interface_output(out)
     # Rows of at most k real tokens are exact whatever the padding (training cannot move them off exactness).
