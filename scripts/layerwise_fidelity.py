@@ -33,6 +33,8 @@ CASES = [  # (label, variant, settings, stage-1 learning rate or None: nothing t
      {"num_features": 256, "window": 64, "exact_first": 1}, None, None),
     ("performer (FAVOR+, m=256) + exact window 128 + exact first token, as converted", "performer",
      {"num_features": 256, "window": 128, "exact_first": 1}, None, None),
+    ("performer (FAVOR+, m=512) + exact window 128 + exact first token, as converted", "performer",
+     {"num_features": 512, "window": 128, "exact_first": 1}, None, None),
     ("performer, learned kernel (m=64)", "performer", {"kernel": "learned", "num_features": 64}, 1e-2, 1),
     ("performer, learned kernel (m=128) + exact window 64 (hybrid)", "performer",
      {"kernel": "learned", "num_features": 128, "window": 64}, 1e-2, None),
