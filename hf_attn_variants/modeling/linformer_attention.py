@@ -183,7 +183,7 @@ def linformer_attention(
     """Functional core. query [B, H, Lq, D] at positions Lk - Lq + i; key/value [B, H, Lk, D]; proj_* [H or 1, k,
     max_length]; key_mask [B, Lk] bool or None; the first ``exact_first`` real keys are attended exactly, the rest
     projected; ``window`` > 0 (needs key_mask None: padded rows go through per_unpadded_row): see
-    ``windowed_softmax``. Returns the output [B, H, Lq, D].
+    ``window_column``. Returns the output [B, H, Lq, D].
 
     Length-normalised projection: projected row j is the E-weighted *mean* of the real keys (values) feeding it,
     with weight w_j = sum_i |E_ji| over real positions, and its logit gets + log w_j, so a row pooling c equal keys
@@ -209,21 +209,22 @@ def linformer_attention(
         key_low, value_low = torch.cat([first_key, key_low], 2), torch.cat([first_value, value_low], 2)
         first_bias = torch.zeros_like(exists, dtype=bias.dtype).masked_fill(~exists, masked_fill_value(key.dtype))
         bias = torch.cat([first_bias[:, None, None, :].expand(*bias.shape[:3], -1), bias], -1)
-    rows = key_low.shape[2]  # exact_first + k
-    spare = -rows % ROW_ALIGNMENT
+    spare = -key_low.shape[2] % ROW_ALIGNMENT  # rows: exact_first + k
     if spare:  # masked rows: probability 0, but aligned matmuls
         key_low, value_low = (torch.nn.functional.pad(x, (0, 0, 0, spare)) for x in (key_low, value_low))
         bias = torch.nn.functional.pad(bias, (0, spare), value=masked_fill_value(key.dtype))
-    if not window:
-        dtype = compute_dtype(query.dtype)
-        out = RowsAttention.apply(query.to(dtype), key_low.to(dtype), value_low.to(dtype), bias.to(dtype), None,
-                                  None, None, scaling, dropout)
-        return out.to(query.dtype)
-    if key_mask is not None:
-        raise ValueError("linformer_attention with a window takes unpadded rows (key_mask=None); run padded "
-                         "batches through per_unpadded_row.")
-    return windowed_softmax(query, key, value, key_low, value_low, bias, fitted_k, exact_first, window, scaling,
-                            dropout)
+    dtype = compute_dtype(query.dtype)
+    q = query.to(dtype)
+    window_logit = window_out = replaced = None
+    if window:
+        if key_mask is not None:
+            raise ValueError("linformer_attention with a window takes unpadded rows (key_mask=None); run padded "
+                             "batches through per_unpadded_row.")
+        window_logit, window_out, replaced = window_column(q, key.to(dtype), value.to(dtype), fitted_k,
+                                                           key_low.shape[2], exact_first, window, scaling, dropout)
+    out = RowsAttention.apply(q, key_low.to(dtype), value_low.to(dtype), bias.to(dtype), window_logit, window_out,
+                              replaced, scaling, dropout)
+    return out.to(query.dtype)
 
 
 class RowsAttention(torch.autograd.Function):
@@ -243,7 +244,7 @@ class RowsAttention(torch.autograd.Function):
         out = torch.empty_like(query)
         lse = query.new_empty(query.shape[:-1])
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
-        parts = (rows, bias, extra_logit, excluded, scaling)
+        parts = (rows, bias, excluded, scaling)
         for lo, hi in query_blocks(query, rows.shape[2]):
             scores = block_scores(query, *parts, lo, hi)
             block_lse = torch.logsumexp(scores, dim=-1)
@@ -277,7 +278,7 @@ class RowsAttention(torch.autograd.Function):
             share = torch.exp(extra_logit - lse).unsqueeze(-1)  # the extra column's probability [B, H, Lq, 1]
             grad_extra_value = share * grad_out
             grad_extra_logit = (share * ((grad_out * extra_value).sum(-1, keepdim=True) - delta)).squeeze(-1)
-        parts = (rows, bias, extra_logit, excluded, scaling)
+        parts = (rows, bias, excluded, scaling)
         for lo, hi in query_blocks(query, rows.shape[2]):
             q, grad = query[:, :, lo:hi], grad_out[:, :, lo:hi]
             probs = block_scores(query, *parts, lo, hi).sub_(lse[:, :, lo:hi].unsqueeze(-1)).exp_()
@@ -293,7 +294,7 @@ class RowsAttention(torch.autograd.Function):
         return grad_query, grad_rows, grad_values, grad_bias, grad_extra_logit, grad_extra_value, None, None, None
 
 
-def block_scores(query, rows, bias, extra_logit, excluded, scaling, lo: int, hi: int) -> torch.Tensor:
+def block_scores(query, rows, bias, excluded, scaling, lo: int, hi: int) -> torch.Tensor:
     """RowsAttention's scores of queries lo..hi-1: [B, H, hi - lo, R], excluded rows at -inf."""
     scores = torch.matmul(query[:, :, lo:hi], rows.transpose(-1, -2)).mul_(scaling).add_(bias)
     return scores if excluded is None else scores.masked_fill_(excluded[..., lo:hi, :], float("-inf"))
@@ -305,22 +306,17 @@ def query_blocks(query: torch.Tensor, rows: int) -> list[tuple[int, int]]:
     return spans(query.shape[2], size)
 
 
-def windowed_softmax(query, key, value, key_low, value_low, bias, fitted_k, first: int, window: int, scaling: float,
-                     dropout: float) -> torch.Tensor:
-    """One softmax over each query's exact window keys (``window_attention``) and the projected rows (key_low /
-    value_low [B, H, R, D] with their biases [B or 1, H or 1, 1, R]: the first keys, then k projected, then
-    alignment rows) minus those the window replaces (``rows_in_window``). The window joins the rows' softmax as one
-    more column, its log-sum-exp, with its output as that column's value (``RowsAttention``). Returns
-    out [B, H, Lq, D]."""
-    dtype = compute_dtype(query.dtype)
+def window_column(query, key, value, fitted_k, rows: int, first: int, window: int, scaling: float, dropout: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the exact window adds to the rows' softmax (``RowsAttention``): one more column per query, holding the
+    log-sum-exp [B, H, Lq] and output [B, H, Lq, D] of the query's window keys (``window_attention``), and which of
+    the ``rows`` (the first keys, then k projected, then alignment rows) the window replaces (``rows_in_window``;
+    [B or 1, H or 1, Lq, rows] bool), so that no key counts twice."""
     replaced = rows_in_window(fitted_k, query.shape[2], window)  # [B or 1, H or 1, Lq, k]
     # the exact first rows stay; the alignment rows are masked by their bias already
-    replaced = torch.nn.functional.pad(replaced, (first, key_low.shape[2] - first - replaced.shape[-1]))
-    out_window, lse_window = window_attention(query.to(dtype), key.to(dtype), value.to(dtype), window, first,
-                                              scaling, dropout)
-    out = RowsAttention.apply(query.to(dtype), key_low.to(dtype), value_low.to(dtype), bias.to(dtype), lse_window,
-                              out_window, replaced, scaling, dropout)
-    return out.to(query.dtype)
+    replaced = torch.nn.functional.pad(replaced, (first, rows - first - replaced.shape[-1]))
+    out_window, lse_window = window_attention(query, key, value, window, first, scaling, dropout)
+    return lse_window, out_window, replaced
 
 
 def rows_in_window(fitted: torch.Tensor, query_length: int, window: int) -> torch.Tensor:
@@ -393,7 +389,7 @@ def linformer_attention_forward(
     batched = call.key_mask is None or not window  # the window blocks count real tokens: padded rows one by one
     if batched and bool((torch.as_tensor(lengths) > state.settings.k).all()):  # no row takes the exact path
         out = linformer_attention(query, call.key, call.value, proj_k, proj_v, call.key_mask, call.scaling,
-                                     dropout, first, window)
+                                  dropout, first, window)
         return interface_output(out)
     # Rows of at most k real tokens are exact whatever the padding (training cannot move them off exactness).
     return interface_output(per_unpadded_row(attend, query, call.key, call.value, call.key_mask))
