@@ -42,6 +42,8 @@ class GatheredAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, key_index, mask, scaling, dropout, group_elements, query_index=None):
         key, value = key.contiguous(), value.contiguous()  # rows are gathered from their flat views
+        if query_index is not None:  # so is the query: a strided one would be copied whole by every group's read
+            query = query.contiguous()
         slots = QuerySlots(query, query_index)
         out, lse = slots.empty(per_row=False), slots.empty(per_row=True)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
@@ -66,6 +68,8 @@ class GatheredAttention(torch.autograd.Function):
         query, key, value, key_index, out, lse, query_index = ctx.saved_tensors
         mask, scaling, dropout, seed, group_elements = ctx.settings
         slots = QuerySlots(query, query_index)
+        if query_index is not None:
+            grad_out = grad_out.contiguous()
         grad_query = slots.empty(per_row=False)
         grad_key = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=value.dtype, device=value.device)

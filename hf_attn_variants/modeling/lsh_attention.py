@@ -266,7 +266,8 @@ def lsh_attention(
         return exact_attention(query, key, value, key_mask, is_causal, scaling, dropout)
     width = min(settings.bucket_size, lk)
     out_dtype, dtype = query.dtype, compute_dtype(query.dtype)
-    query, key, value = query.to(dtype), key.to(dtype).contiguous(), value.to(dtype).contiguous()
+    # Contiguous once here: every round gathers rows from their flat views (a strided view would be copied per round).
+    query, key, value = (x.to(dtype).contiguous() for x in (query, key, value))
     q_pos = torch.arange(lk - query.shape[2], lk, device=query.device)
     local_start = local_window_start(q_pos, key_mask, lk, width, is_causal)
     out_local, lse_local = local_attention(query, key, value, key_mask, local_start, width, scaling, dropout,
