@@ -346,17 +346,25 @@ def per_unpadded_row(attend, query: torch.Tensor, key: torch.Tensor, value: torc
     return torch.cat(rows)
 
 
+def leading_positions(key_mask: torch.Tensor | None, key_length: int, count: int, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the first ``count`` real keys of each row and which exist ([B or 1, count] each; a row with
+    fewer real keys has padding there)."""
+    if key_mask is None:
+        position = torch.arange(count, device=device).unsqueeze(0)
+        return position, position < key_length
+    rank = key_mask.cumsum(-1) - 1
+    firsts = [(key_mask & (rank == j)) for j in range(count)]
+    return torch.stack([f.int().argmax(-1) for f in firsts], -1), torch.stack([f.any(-1) for f in firsts], -1)
+
+
 def leading_keys(key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None,
                  count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first ``count`` real keys and values of each row, [B, H, count, D] each, their positions and which
-    exist ([B or 1, count] each; a row with fewer real keys has padding there)."""
+    exist ([B or 1, count] each; see leading_positions)."""
+    position, exists = leading_positions(key_mask, key.shape[2], count, key.device)
     if key_mask is None:
-        position = torch.arange(count, device=key.device).unsqueeze(0)
-        return key[:, :, :count], value[:, :, :count], position, position < key.shape[2]
-    rank = key_mask.cumsum(-1) - 1
-    firsts = [(key_mask & (rank == j)) for j in range(count)]
-    position = torch.stack([f.int().argmax(-1) for f in firsts], -1)  # [B, count]
-    exists = torch.stack([f.any(-1) for f in firsts], -1)
+        return key[:, :, :count], value[:, :, :count], position, exists
     index = position[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
     return key.gather(2, index), value.gather(2, index), position, exists
 

@@ -8,6 +8,7 @@ N x keys-per-query is kept between the forward and the backward, and no autograd
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -26,68 +27,107 @@ MaskFunction = Callable[[int, int], torch.Tensor]
 """mask(lo, hi): which keys the queries of blocks lo..hi-1 may attend, bool broadcastable to [*, hi - lo, w, K]."""
 
 
+@dataclasses.dataclass
+class KeyPass:
+    """One set of keys for each block of queries, a part of one softmax (see GatheredAttention).
+
+    key_index [* or 1.., nb, K]: rows of key/value per query block; mask: MaskFunction; query_index [*, nb, w]: the
+    rows of query [*, Lq, D] in each block (each row at most once, Lq marks an empty slot), or None when query is
+    itself in blocks [*, nb, w, D] (then this is the only pass); log_weight: added to every score of the pass (the
+    log of how many times its keys count in the softmax)."""
+
+    key_index: torch.Tensor
+    mask: MaskFunction
+    query_index: torch.Tensor | None = None
+    log_weight: float = 0.0
+
+
 class GatheredAttention(torch.autograd.Function):
-    """out, lse = softmax(q k_sel^T * scale + mask) v_sel per query block.
+    """out, lse = softmax over the keys of every pass (q k^T * scale + the pass's log_weight + mask) v, per query.
 
-    query [*, nb, w, D]; key/value [*, Lk, D]; key_index [* or 1.., nb, K] rows of key/value (per leading index);
-    mask(lo, hi) as MaskFunction. Returns out [*, nb, w, D] and lse [*, nb, w] (both differentiable). A row with
-    no allowed key gets out = 0 and lse = NO_KEY_LSE: it weighs nothing when partial results are combined.
-    Dropout masks are drawn from a seed taken from torch's generator; the backward regenerates the same masks.
-
-    With query_index [*, nb, w] (rows of query [*, Lq, D], each row at most once; Lq marks an empty slot, which
-    gets no key), the blocks are gathered from query as they are used, and out [*, Lq, D] / lse [*, Lq] come back
-    in query's own order: no sorted copy of the queries or of the output is made or kept for the backward.
+    query [*, Lq, D] (or [*, nb, w, D] for one pass without query_index); key/value [*, Lk, D]; passes: KeyPass list.
+    A query's keys are the union of its keys in every pass (a key in two passes counts twice). Returns out
+    [*, Lq, D] and lse [*, Lq] in query's own order ([*, nb, w, D] / [*, nb, w] for blocked queries), both
+    differentiable. A row with no allowed key gets out = 0 and lse = NO_KEY_LSE: it weighs nothing when partial
+    results are combined. The passes' partial results are merged as they come (online softmax), so one output,
+    one log-sum-exp and one set of gradient buffers serve them all. Dropout masks are drawn from a seed taken from
+    torch's generator; the backward regenerates the same masks.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, key_index, mask, scaling, dropout, group_elements, query_index=None):
+    def forward(ctx, query, key, value, passes, scaling, dropout, group_elements):
         key, value = key.contiguous(), value.contiguous()  # rows are gathered from their flat views
-        if query_index is not None:  # so is the query: a strided one would be copied whole by every group's read
+        if passes[0].query_index is not None:  # so is the query: a strided one would be copied whole by every read
             query = query.contiguous()
-        slots = QuerySlots(query, query_index)
-        out, lse = slots.empty(per_row=False), slots.empty(per_row=True)
+        elif len(passes) > 1:
+            raise ValueError("several KeyPasses need query_index: blocked queries allow one pass")
+        first = QuerySlots(query, passes[0].query_index)
+        out, lse = first.empty(per_row=False), first.empty(per_row=True)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
-        for lo, hi in group_spans(slots.blocked_shape, key_index.shape[-1], group_elements):
-            index = flat_index(key_index, key, lo, hi)
-            keys, values = gather_rows(key, index), gather_rows(value, index)
-            scores = masked_scores(slots.read(query, lo, hi), keys, slots.allowed(mask, lo, hi), scaling)
-            group_lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp_min_(NO_KEY_LSE)
-            probs = scores.sub_(group_lse).exp_()
-            if dropout > 0.0:
-                probs.mul_(dropout_factors(probs, seed, lo, dropout))
-            slots.write(out, torch.matmul(probs, values), lo, hi)
-            slots.write(lse, group_lse.squeeze(-1), lo, hi)
-        out, lse = slots.finish(out, per_row=False), slots.finish(lse, per_row=True)
-        ctx.save_for_backward(query, key, value, key_index, out, lse, query_index)
-        ctx.settings = (mask, scaling, dropout, seed, group_elements)
+        for number, (slots, key_pass) in enumerate(pass_slots(query, passes)):
+            for lo, hi in group_spans(slots.blocked_shape, key_pass.key_index.shape[-1], group_elements):
+                index = flat_index(key_pass.key_index, key, lo, hi)
+                keys, values = gather_rows(key, index), gather_rows(value, index)
+                scores = pass_scores(slots, key_pass, query, keys, scaling, lo, hi)
+                group_lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp_min_(NO_KEY_LSE)
+                probs = scores.sub_(group_lse).exp_()
+                if dropout > 0.0:
+                    probs.mul_(dropout_factors(probs, pass_seed(seed, number), lo, dropout))
+                if number == 0:
+                    slots.write(out, torch.matmul(probs, values), lo, hi)
+                    slots.write(lse, group_lse.squeeze(-1), lo, hi)
+                else:
+                    slots.merge(out, lse, torch.matmul(probs, values), group_lse.squeeze(-1), lo, hi)
+        out, lse = first.finish(out, per_row=False), first.finish(lse, per_row=True)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.settings = (passes, scaling, dropout, seed, group_elements)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward raises instead of going wrong
     def backward(ctx, grad_out, grad_lse):
-        query, key, value, key_index, out, lse, query_index = ctx.saved_tensors
-        mask, scaling, dropout, seed, group_elements = ctx.settings
-        slots = QuerySlots(query, query_index)
-        if query_index is not None:
+        query, key, value, out, lse = ctx.saved_tensors
+        passes, scaling, dropout, seed, group_elements = ctx.settings
+        if passes[0].query_index is not None:
             grad_out = grad_out.contiguous()
-        grad_query = slots.empty(per_row=False)
+        grad_query = QuerySlots(query, passes[0].query_index).empty(per_row=False)
         grad_key = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
-        # d scores = P * (dP - rowsum(dO * O) + d lse)
+        # d scores = P * (dP - rowsum(dO * O) + d lse), P the probabilities of the whole softmax
         delta = (grad_out * out).sum(-1, keepdim=True) - grad_lse.unsqueeze(-1)
-        for lo, hi in group_spans(slots.blocked_shape, key_index.shape[-1], group_elements):
-            index = flat_index(key_index, key, lo, hi)
-            keys, values = gather_rows(key, index), gather_rows(value, index)
-            queries, grads = slots.read(query, lo, hi), slots.read(grad_out, lo, hi)
-            group_lse, group_delta = slots.read(lse.unsqueeze(-1), lo, hi), slots.read(delta, lo, hi)
-            allowed = slots.allowed(mask, lo, hi)
-            probs = masked_scores(queries, keys, allowed, scaling).sub_(group_lse).exp_()
-            kept, grad_scores = softmax_block_backward(probs, grads, values, group_delta, dropout, seed, lo)
-            scatter_add_rows(grad_value, index, torch.matmul(kept.transpose(-1, -2), grads))
-            grad_scores.mul_(scaling)
-            slots.write(grad_query, torch.matmul(grad_scores, keys), lo, hi)
-            scatter_add_rows(grad_key, index, torch.matmul(grad_scores.transpose(-1, -2), queries))
-        return slots.finish(grad_query, per_row=False), grad_key, grad_value, None, None, None, None, None, None
+        for number, (slots, key_pass) in enumerate(pass_slots(query, passes)):
+            for lo, hi in group_spans(slots.blocked_shape, key_pass.key_index.shape[-1], group_elements):
+                index = flat_index(key_pass.key_index, key, lo, hi)
+                keys, values = gather_rows(key, index), gather_rows(value, index)
+                queries, grads = slots.read(query, lo, hi), slots.read(grad_out, lo, hi)
+                group_lse, group_delta = slots.read(lse.unsqueeze(-1), lo, hi), slots.read(delta, lo, hi)
+                probs = pass_scores(slots, key_pass, query, keys, scaling, lo, hi, queries).sub_(group_lse).exp_()
+                kept, grad_scores = softmax_block_backward(probs, grads, values, group_delta, dropout,
+                                                           pass_seed(seed, number), lo)
+                scatter_add_rows(grad_value, index, torch.matmul(kept.transpose(-1, -2), grads))
+                grad_scores.mul_(scaling)
+                slots.add(grad_query, torch.matmul(grad_scores, keys), lo, hi)
+                scatter_add_rows(grad_key, index, torch.matmul(grad_scores.transpose(-1, -2), queries))
+        grad_query = QuerySlots(query, passes[0].query_index).finish(grad_query, per_row=False)
+        return grad_query, grad_key, grad_value, None, None, None, None
+
+
+def pass_slots(query: torch.Tensor, passes: list[KeyPass]):
+    """(QuerySlots, KeyPass) for each pass, in order."""
+    return ((QuerySlots(query, key_pass.query_index), key_pass) for key_pass in passes)
+
+
+def pass_seed(seed: int, number: int) -> int:
+    """The dropout seed of pass ``number``: passes draw their masks from streams of their own."""
+    return seed + (number << 40)
+
+
+def pass_scores(slots, key_pass: KeyPass, query, keys, scaling: float, lo: int, hi: int, queries=None
+                ) -> torch.Tensor:
+    """Masked scores [*, G, w, K] of query blocks lo..hi-1 against their gathered keys, plus the pass's weight."""
+    queries = slots.read(query, lo, hi) if queries is None else queries
+    scores = masked_scores(queries, keys, slots.allowed(key_pass.mask, lo, hi), scaling)
+    return scores.add_(key_pass.log_weight) if key_pass.log_weight else scores
 
 
 class QuerySlots:
@@ -142,6 +182,28 @@ class QuerySlots:
         else:
             buffer.view(-1, buffer.shape[-1]).index_copy_(0, rows, values.reshape(-1, buffer.shape[-1]))
 
+    def merge(self, out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor, lo: int,
+              hi: int) -> None:
+        """Fold one more pass's softmax (part [*, G, w, D], part_lse [*, G, w]) over blocks lo..hi-1 into the
+        buffers ``out``/``lse`` (from ``empty``; indexed queries only): one softmax over both sets of keys."""
+        rows = self.write_rows[..., lo:hi, :].reshape(-1)
+        flat_out, flat_lse = out.view(-1, out.shape[-1]), lse.view(-1)
+        old_lse, part_lse = flat_lse.index_select(0, rows), part_lse.reshape(-1)
+        total = torch.logaddexp(old_lse, part_lse)
+        merged = flat_out.index_select(0, rows).mul_(torch.exp(old_lse - total).unsqueeze(-1))
+        merged.add_(part.reshape(-1, out.shape[-1]) * torch.exp(part_lse - total).unsqueeze(-1))
+        flat_out.index_copy_(0, rows, merged)
+        flat_lse.index_copy_(0, rows, total)
+
+    def add(self, buffer: torch.Tensor, values: torch.Tensor, lo: int, hi: int) -> None:
+        """Blocks lo..hi-1 of ``buffer`` (from ``empty``) += values [*, G, w, D] (blocked queries: = values; a
+        blocked query is in one pass only)."""
+        if self.index is None:
+            buffer[..., lo:hi, :, :] = values
+            return
+        rows = self.write_rows[..., lo:hi, :].reshape(-1)
+        buffer.view(-1, buffer.shape[-1]).index_add_(0, rows, values.reshape(-1, buffer.shape[-1]))
+
     def finish(self, buffer: torch.Tensor, per_row: bool) -> torch.Tensor:
         """``buffer`` without its spare rows."""
         if self.index is None:
@@ -160,10 +222,24 @@ def gathered_attention(
     group_elements: int = GROUP_ELEMENTS,
     query_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GatheredAttention.apply (see there for shapes): (out [*, nb, w, D], lse [*, nb, w]), or with query_index
-    (out [*, Lq, D], lse [*, Lq]) in query's order. group_elements: about how many scores one group of query
-    blocks holds (memory per step; the result does not depend on it)."""
-    return GatheredAttention.apply(query, key, value, key_index, mask, scaling, dropout, group_elements, query_index)
+    """Softmax over one KeyPass (see GatheredAttention for shapes): (out [*, nb, w, D], lse [*, nb, w]), or with
+    query_index (out [*, Lq, D], lse [*, Lq]) in query's order. group_elements: about how many scores one group of
+    query blocks holds (memory per step; the result does not depend on it)."""
+    return multi_pass_attention(query, key, value, [KeyPass(key_index, mask, query_index)], scaling, dropout,
+                                group_elements)
+
+
+def multi_pass_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    passes: list[KeyPass],
+    scaling: float,
+    dropout: float = 0.0,
+    group_elements: int = GROUP_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over the keys of several passes (GatheredAttention.apply): (out, lse) as gathered_attention."""
+    return GatheredAttention.apply(query, key, value, passes, scaling, dropout, group_elements)
 
 
 def group_spans(blocked_shape: tuple[int, ...], keys_per_query: int, group_elements: int = GROUP_ELEMENTS

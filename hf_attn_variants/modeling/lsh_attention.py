@@ -28,13 +28,13 @@ from .attention_common import (
     compute_dtype,
     exact_attention,
     interface_output,
-    leading_keys,
+    leading_positions,
     log_sum_exp_combine,
     per_unpadded_row,
     prepare_call,
 )
 from .decoding_caches import BucketIndexLayer, decoding_layer
-from .gathered_attention import GROUP_ELEMENTS, NO_KEY_LSE, gathered_attention
+from .gathered_attention import GROUP_ELEMENTS, NO_KEY_LSE, KeyPass, multi_pass_attention
 
 # Queries per block of the bucket window = bucket_size // BUCKET_BLOCK_DIVISOR (lsh_attention's default). Blocks of
 # bucket_size queries overflowed their span for ~6% of queries at 16K tokens; half blocks make that rare at the
@@ -133,27 +133,42 @@ def local_window_start(
     return torch.maximum(torch.minimum(q_pos - width // 2, upper), lo.unsqueeze(-1))
 
 
-def local_attention(query, key, value, key_mask, start, width, scaling, dropout, group_elements=GROUP_ELEMENTS):
-    """Softmax over each query's positional window [start, start + width), by query blocks of ``width`` against
-    the 2 * width keys from the block's first window start (window starts grow by at most 1 per position, so the
-    block's last window ends inside that span). start [B or 1, Lq]. Returns (out [B, H, Lq, D], lse [B, H, Lq])."""
+def local_pass(query, lk: int, key_mask, start, width: int, first: int) -> tuple[KeyPass, torch.Tensor | None]:
+    """Each query's positional window [start, start + width) and, with ``first`` > 0, the first ``first`` real keys
+    where that window does not hold them, as one KeyPass: query blocks of ``width`` against the 2 * width - 1 keys
+    from the block's first window start (window starts grow by at most 1 per position, so the block's last window
+    ends inside that span), the first keys as leading columns. query [B, H, Lq, D]; start [B or 1, Lq]. Returns
+    (the pass, the real keys left to hash [B or 1, Lk] bool: all but padding and the first keys; None when
+    key_mask is None and first = 0)."""
     bsz, heads, lq, _ = query.shape
-    lk = key.shape[2]
-    q_blocks = _blocks(query, width)  # (B, H, nb, w, D)
-    nb = q_blocks.shape[2]
+    device = query.device
+    nb = -(-lq // width)
+    slots = torch.arange(nb * width, device=device)
+    query_index = slots.masked_fill(slots >= lq, lq).view(1, 1, nb, width).expand(bsz, heads, nb, width)
     starts = _blocks(start.unsqueeze(1), width).squeeze(1)  # (B or 1, nb, w); padding rows start at 0
-    span = starts[:, :, :1] + torch.arange(2 * width, device=query.device)  # (B or 1, nb, 2w) key positions
+    span = starts[:, :, :1] + torch.arange(2 * width - (1 if first else 0), device=device)  # (B or 1, nb, K)
     span_ok = (span >= 0) & (span < lk)
     span = span.clamp(0, lk - 1)
     if key_mask is not None:
         span_ok = span_ok & key_mask.gather(1, span.flatten(1)).view_as(span)
+    hashable = key_mask
+    if first:
+        position, exists = leading_positions(key_mask, lk, first, device)  # (B or 1, first)
+        span = torch.cat([position.unsqueeze(1).expand(-1, nb, -1), span], -1)
+        span_ok = torch.cat([exists.unsqueeze(1).expand(-1, nb, -1), span_ok], -1)
+        if key_mask is None:
+            hashable = (torch.arange(lk, device=device) >= first).unsqueeze(0)
+        else:
+            hashable = key_mask & (key_mask.cumsum(-1) > first)
 
-    def allowed(lo: int, hi: int) -> torch.Tensor:  # (B or 1, 1, G, w, 2w)
-        keys, first = span[:, lo:hi, None, :], starts[:, lo:hi, :, None]
-        return ((keys >= first) & (keys < first + width) & span_ok[:, lo:hi, None, :]).unsqueeze(1)
+    def allowed(lo: int, hi: int) -> torch.Tensor:  # (B or 1, 1, G, w, K)
+        keys, window_first = span[:, lo:hi, None, :], starts[:, lo:hi, :, None]
+        in_window = (keys >= window_first) & (keys < window_first + width)
+        if first:  # the first keys' columns count where the window does not hold them
+            in_window = torch.cat([~in_window[..., :first], in_window[..., first:]], -1)
+        return (in_window & span_ok[:, lo:hi, None, :]).unsqueeze(1)
 
-    out, lse = gathered_attention(q_blocks, key, value, span.unsqueeze(1), allowed, scaling, dropout, group_elements)
-    return out.reshape(bsz, heads, nb * width, -1)[:, :, :lq], lse.reshape(bsz, heads, nb * width)[:, :, :lq]
+    return KeyPass(span.unsqueeze(1), allowed, query_index), hashable
 
 
 def bucket_windows(query_bucket, key_bucket, q_pos, width: int, is_causal: bool, lk: int):
@@ -173,17 +188,15 @@ def bucket_windows(query_bucket, key_bucket, q_pos, width: int, is_causal: bool,
     return order, torch.maximum(first, bucket_start), torch.minimum(first + width, upper)
 
 
-def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_start, width, is_causal, scaling,
-                     dropout, group_elements=GROUP_ELEMENTS, bucket_block_divisor=BUCKET_BLOCK_DIVISOR):
-    """Softmax over each query's bucket window (``bucket_windows``) minus keys already in its positional window.
-    Returns (out [B, H, Lq, D], lse [B, H, Lq]).
+def bucket_pass(query, query_bucket, key_bucket, q_pos, local_start, width: int, is_causal: bool, lk: int,
+                bucket_block_divisor: int = BUCKET_BLOCK_DIVISOR) -> KeyPass:
+    """Each query's bucket window (``bucket_windows``) minus keys already in its positional window, as a KeyPass.
 
     Queries are sorted by where their window starts and handled in blocks of width / ``bucket_block_divisor``
     against the 2 * width sorted keys from the block's first window; the rare query whose window reaches past that
     span gets a block of its own (``overflow_blocks``), in the same pass.
     """
     bsz, heads, lq, _ = query.shape
-    lk = key.shape[2]
     device = query.device
     order, lower, upper = bucket_windows(query_bucket, key_bucket, q_pos, width, is_causal, lk)
     local = local_start.expand(bsz, lq).unsqueeze(1).expand(bsz, heads, lq)
@@ -213,7 +226,7 @@ def bucket_attention(query, key, value, query_bucket, key_bucket, q_pos, local_s
         ok = (idx >= s_lower[:, :, lo:hi].unsqueeze(-1)) & (idx < s_upper[:, :, lo:hi].unsqueeze(-1))
         return ok & ((pos < local_first) | (pos >= local_first + width))
 
-    return gathered_attention(query, key, value, span_pos, allowed, scaling, dropout, group_elements, query_rows)
+    return KeyPass(span_pos, allowed, query_rows)
 
 
 def overflow_blocks(overflow: torch.Tensor, lq: int, query_rows: torch.Tensor, *per_slot: torch.Tensor
@@ -270,47 +283,23 @@ def lsh_attention(
     query, key, value = (x.to(dtype).contiguous() for x in (query, key, value))
     q_pos = torch.arange(lk - query.shape[2], lk, device=query.device)
     local_start = local_window_start(q_pos, key_mask, lk, width, is_causal)
-    out_local, lse_local = local_attention(query, key, value, key_mask, local_start, width, scaling, dropout,
-                                           group_elements)
-    # Each round is the softmax over (positional window + its bucket window); rounds are combined by log-sum-exp,
-    # so the positional window counts once per round: one combination with its lse raised by log(rounds).
-    outputs, lses = [out_local], [lse_local + math.log(len(rotations))]
-    hashed_keys = key if is_causal else centred_keys(key, key_mask)
-    unhashed = key_mask  # keys that go into no bucket: padding, and the exact first keys
     first = 0 if is_causal else min(settings.exact_first, lk)
-    if first:
-        out_first, lse_first, unhashed = first_keys_attention(query, key, value, key_mask, local_start, width,
-                                                              first, scaling)
-        outputs.append(out_first)
-        lses.append(lse_first + math.log(len(rotations)))  # in every round's softmax, like the positional window
+    local, hashable = local_pass(query, lk, key_mask, local_start, width, first)
+    # One softmax over every round's keys: each round is the softmax over (positional window + first keys + its
+    # bucket window), rounds combined by log-sum-exp, so the positional window and the first keys count once per
+    # round (their pass's log_weight).
+    local.log_weight = math.log(len(rotations))
+    passes = [local]
+    hashed_keys = key if is_causal else centred_keys(key, key_mask)
     for rotation in rotations:
         key_bucket = hash_buckets(hashed_keys, rotation, settings.num_buckets)
-        if unhashed is not None:  # padded keys sort after every real one and match no query
-            key_bucket = key_bucket.masked_fill(~unhashed[:, None, :], settings.num_buckets)
+        if hashable is not None:  # padding and the first keys sort after every real one and match no query
+            key_bucket = key_bucket.masked_fill(~hashable[:, None, :], settings.num_buckets)
         query_bucket = hash_buckets(query, rotation, settings.num_buckets)
-        out_bucket, lse_bucket = bucket_attention(
-            query, key, value, query_bucket, key_bucket, q_pos, local_start, width, is_causal, scaling, dropout,
-            group_elements, bucket_block_divisor,
-        )
-        outputs.append(out_bucket)
-        lses.append(lse_bucket)
-    return log_sum_exp_combine(outputs, lses).to(out_dtype)
-
-
-def first_keys_attention(query, key, value, key_mask, local_start, width: int, count: int, scaling: float):
-    """Softmax over the first ``count`` real keys, for each query minus those already in its positional window
-    [local_start, local_start + width). Returns (out [B, H, Lq, D], lse [B, H, Lq], the real keys left to hash
-    [B or 1, Lk] bool)."""
-    first_key, first_value, position, exists = leading_keys(key, value, key_mask, count)
-    in_window = (position[:, None, :] >= local_start[..., None]) & (position[:, None, :] < local_start[..., None]
-                                                                     + width)  # [B or 1, Lq, count]
-    scores = torch.matmul(query, first_key.transpose(-1, -2)) * scaling  # [B, H, Lq, count]
-    scores = scores.masked_fill((in_window | ~exists[:, None, :]).unsqueeze(1), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1).clamp_min(NO_KEY_LSE)
-    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), first_value)
-    if key_mask is None:
-        return out, lse, (torch.arange(key.shape[2], device=key.device) >= count).unsqueeze(0)
-    return out, lse, key_mask & (key_mask.cumsum(-1) > count)  # real keys after the first ``count``
+        passes.append(bucket_pass(query, query_bucket, key_bucket, q_pos, local_start, width, is_causal, lk,
+                                  bucket_block_divisor))
+    out, _ = multi_pass_attention(query, key, value, passes, scaling, dropout, group_elements)
+    return out.to(out_dtype)
 
 
 def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, num_buckets: int) -> torch.Tensor:
