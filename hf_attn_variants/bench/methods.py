@@ -16,7 +16,7 @@ HIDDEN, HEADS, HEAD_DIM = 768, 12, 64
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 OURS = tuple(VARIANTS)
 MATCHED = {"lsh-1": ("lsh", {"num_hashes": 1}), "lsh-4": ("lsh", {"num_hashes": 4})}
-"""Our variants at a peer's setting (Reformer's 1 and 4 hashes): method -> (variant, settings)."""
+"""Our variants at a peer's setting (Reformer's 1 and 4 hashes; LSH's default is 2): method -> (variant, settings)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +36,8 @@ def _like(variant: str, **settings):
 
 PEERS = {
     "hf-bigbird": Peer(False, _like("bigbird"), {False: 8192}),
-    "hf-reformer-1": Peer(True, lambda length, causal: min(length, 2 * 64)),  # own and previous chunk per hash
-    "hf-reformer-4": Peer(True, lambda length, causal: min(length, 2 * 64 * 4)),
+    # Reformer at 1, 2 and 4 hashes: its own and the previous chunk of 64 per hash
+    **{f"hf-reformer-{n}": Peer(True, lambda length, causal, n=n: min(length, 2 * 64 * n)) for n in (1, 2, 4)},
     "lucidrains-performer": Peer(True, _like("performer"), {True: 4096}),
     "lucidrains-linformer": Peer(False, _like("linformer")),
 }

@@ -73,7 +73,7 @@ VARIANTS: dict[str, Variant] = {
         summary="angular locality-sensitive hashing of queries and keys (Reformer-style); linear in length",
         new_state="`attn_variant.rotations`: the hashing rotations",
         limitations="Keys in other buckets and outside the positional window are not seen.",
-        peers=("hf-reformer-1", "hf-reformer-4"),
+        peers=("hf-reformer-1", "hf-reformer-2", "hf-reformer-4"),
     ),
 }
 
