@@ -43,10 +43,26 @@ def test_summary_reports_ratios_slope_and_crossover_against_the_targets():
                      "seconds": seconds, "vs_sdpa": seconds / sdpa, "vs_floor": 1.2, "peak_mb": length / 10})
     line = next(line for line in summary(rows).splitlines() if line.startswith("| performer | no |"))
     cells = [cell.strip() for cell in line.strip("|").split("|")]
-    assert cells[2] == f"{(2.0 + 16384 / 1e4) / (16384**2 / 1e6):.2f} (0.13)"
+    ratio = lambda n: (2.0 + n / 1e4) / (n**2 / 1e6)  # noqa: E731
+    assert cells[2] == f"{ratio(8192):.2f} / {ratio(16384):.2f}"
     assert cells[3] == "1.20 / 1.20" and cells[4] == "1638"
     assert cells[5] == "1.00"  # peak memory grows linearly: log-log slope 1
     assert cells[6] == "2048"
+
+
+def test_peers_table_gives_our_time_over_the_peer_s_at_each_length():
+    from hf_attn_variants.bench.report import PEER_LENGTHS, peers
+
+    rows = [{"method": method, "length": length, "causal": False, "mode": "forward+backward",
+             "seconds": seconds * length / 4096, "peak_mb": 1.0}
+            for length in PEER_LENGTHS for method, seconds in (("lsh", 1.0), ("hf-reformer-2", 4.0))]
+    rows.append({"method": "lsh-1", "length": 8192, "causal": False, "mode": "forward+backward", "seconds": 3.0,
+                 "peak_mb": 1.0})  # its peer did not run: no row
+    table = peers(rows).splitlines()
+    line = next(line for line in table if line.startswith("| lsh | hf-reformer-2 | no |"))
+    assert [cell.strip() for cell in line.strip("|").split("|")][3:] == [
+        "1.00 / 4.00 (0.25)", "2.00 / 8.00 (0.25)", "4.00 / 16.00 (0.25)"]
+    assert not any(line.startswith("| lsh-1 |") for line in table)
 
 
 def test_decode_benchmark_measures_every_method_and_the_performer_cache_stays_flat(tmp_path):

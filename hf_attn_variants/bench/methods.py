@@ -15,8 +15,14 @@ from ..modeling import VARIANTS, get_variant, resolve_settings
 HIDDEN, HEADS, HEAD_DIM = 768, 12, 64
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 OURS = tuple(VARIANTS)
-MATCHED = {"lsh-1": ("lsh", {"num_hashes": 1}), "lsh-4": ("lsh", {"num_hashes": 4})}
-"""Our variants at a peer's setting (Reformer's 1 and 4 hashes; LSH's default is 2): method -> (variant, settings)."""
+MATCHED = {"lsh-1": ("lsh", {"num_hashes": 1}), "lsh-4": ("lsh", {"num_hashes": 4}),
+           "linformer-plain": ("linformer", {"exact_first": 0})}
+"""Our variants at a peer's setting (Reformer's 1 and 4 hashes, LSH's default being 2; lucidrains' Linformer, which
+has no exactly attended first token): method -> (variant, settings)."""
+PEER_PAIRS = (("lsh-1", "hf-reformer-1"), ("lsh", "hf-reformer-2"), ("lsh-4", "hf-reformer-4"),
+              ("linformer-plain", "lucidrains-linformer"), ("linformer", "lucidrains-linformer"),
+              ("performer", "lucidrains-performer"), ("bigbird", "hf-bigbird"))
+"""(ours, its peer at the same settings) for the peers table; the defaults' rows (linformer) for reference."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,7 +138,9 @@ def fitted_projection(proj: torch.Tensor, length: int, key_mask: torch.Tensor | 
     Column i of the result is the mean of proj's columns over the span [i, i + 1) * max_length / n of a row of n
     projected keys (``adaptive_avg_pool1d``), placed at that row's (skip + i)-th real position; padded and skipped
     positions get zero columns. So E describes relative positions: one E serves every length and every padding."""
-    pool = torch.nn.functional.adaptive_avg_pool1d
+    def pool(proj: torch.Tensor, n: int) -> torch.Tensor:  # pooling to its own width is the identity: skip it
+        return proj if n == proj.shape[-1] else torch.nn.functional.adaptive_avg_pool1d(proj, n)
+
     if key_mask is None:
         return torch.nn.functional.pad(pool(proj, length - skip), (skip, 0)).unsqueeze(0)
     count = key_mask.cumsum(-1)  # [B, length]: real keys up to and including each position
