@@ -699,3 +699,60 @@ def test_a_heavy_first_key_is_attended_exactly_by_lsh_and_linformer_encoders():
     linformer = {f: error(linformer_attention(q, k, v, pooling, pooling, None, SCALE, exact_first=f))
                  for f in (0, 1)}
     assert lsh[1] < 0.8 * lsh[0] and linformer[1] < 0.8 * linformer[0], (lsh, linformer)
+
+
+def multi_pass_inputs(seed: int = 0):
+    """Two KeyPasses over 6 queries (leading dims [2, 2]) and 9 keys: blocks of 3 and blocks of 4 (2 empty slots),
+    random key rows (repeats included) and masks, the first pass weighted by log 2."""
+    from hf_attn_variants.modeling.gathered_attention import KeyPass
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    passes = []
+    for blocks, width, keys, weight in ((2, 3, 4, math.log(2.0)), (2, 4, 5, 0.0)):
+        order = torch.stack([torch.randperm(6, generator=g) for _ in range(4)]).view(2, 2, 6)
+        slots = torch.cat([order, torch.full((2, 2, blocks * width - 6), 6)], -1).view(2, 2, blocks, width)
+        key_index = torch.randint(0, 9, (2, 2, blocks, keys), generator=g)
+        allowed = torch.rand(2, 2, blocks, width, keys, generator=g) < 0.6
+        passes.append(KeyPass(key_index, lambda lo, hi, allowed=allowed: allowed[:, :, lo:hi], slots, weight))
+    return q, k, v, passes
+
+
+def multi_pass_reference(q, k, v, passes):
+    """The definition: each query's softmax over the multiset union of its allowed keys in every pass, a key's
+    logit raised by its pass's log_weight; no allowed key: output 0."""
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                logits, rows = [], []
+                for key_pass in passes:
+                    slot = (key_pass.query_index[b, h] == i).nonzero()
+                    if len(slot) == 0:
+                        continue
+                    block, row = slot[0].tolist()
+                    allowed = key_pass.mask(block, block + 1)[b, h, 0, row]
+                    for j, ok in zip(key_pass.key_index[b, h, block].tolist(), allowed.tolist(), strict=True):
+                        if ok:
+                            logits.append(q[b, h, i] @ k[b, h, j] * SCALE + key_pass.log_weight)
+                            rows.append(j)
+                if logits:
+                    out[b, h, i] = torch.softmax(torch.stack(logits), 0) @ v[b, h, rows]
+    return out
+
+
+def test_multi_pass_attention_is_one_softmax_over_every_pass_keys_with_its_gradients():
+    """GatheredAttention over several KeyPasses (as LSH runs its positional window and its rounds) equals the
+    dense definition, outputs and gradients (float64 gradcheck), with groups of one block (passes merged online)."""
+    from hf_attn_variants.modeling.gathered_attention import multi_pass_attention
+
+    q, k, v, passes = multi_pass_inputs()
+    out, lse = multi_pass_attention(q, k, v, passes, SCALE, group_elements=1)
+    torch.testing.assert_close(out, multi_pass_reference(q, k, v, passes), atol=1e-12, rtol=0)
+    assert torch.isfinite(lse).all()
+
+    def core(q, k, v):
+        return multi_pass_attention(q, k, v, passes, SCALE, group_elements=1)[0]
+
+    assert torch.autograd.gradcheck(core, (q, k, v))

@@ -59,11 +59,11 @@ class GatheredAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, passes, scaling, dropout, group_elements):
+        if len(passes) > 1 and any(key_pass.query_index is None for key_pass in passes):
+            raise ValueError("several KeyPasses need query_index each: blocked queries allow one pass")
         key, value = key.contiguous(), value.contiguous()  # rows are gathered from their flat views
         if passes[0].query_index is not None:  # so is the query: a strided one would be copied whole by every read
             query = query.contiguous()
-        elif len(passes) > 1:
-            raise ValueError("several KeyPasses need query_index: blocked queries allow one pass")
         first = QuerySlots(query, passes[0].query_index)
         out, lse = first.empty(per_row=False), first.empty(per_row=True)
         seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0.0 else 0
@@ -93,7 +93,8 @@ class GatheredAttention(torch.autograd.Function):
         passes, scaling, dropout, seed, group_elements = ctx.settings
         if passes[0].query_index is not None:
             grad_out = grad_out.contiguous()
-        grad_query = QuerySlots(query, passes[0].query_index).empty(per_row=False)
+        first = QuerySlots(query, passes[0].query_index)
+        grad_query = first.empty(per_row=False)
         grad_key = torch.zeros(key.shape, dtype=key.dtype, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
         # d scores = P * (dP - rowsum(dO * O) + d lse), P the probabilities of the whole softmax
@@ -111,8 +112,7 @@ class GatheredAttention(torch.autograd.Function):
                 grad_scores.mul_(scaling)
                 slots.add(grad_query, torch.matmul(grad_scores, keys), lo, hi)
                 scatter_add_rows(grad_key, index, torch.matmul(grad_scores.transpose(-1, -2), queries))
-        grad_query = QuerySlots(query, passes[0].query_index).finish(grad_query, per_row=False)
-        return grad_query, grad_key, grad_value, None, None, None, None
+        return first.finish(grad_query, per_row=False), grad_key, grad_value, None, None, None, None
 
 
 def pass_slots(query: torch.Tensor, passes: list[KeyPass]):
