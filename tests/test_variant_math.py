@@ -472,6 +472,26 @@ def test_lsh_blocked_computation_matches_its_definition(seed, causal, divisor):
     torch.testing.assert_close(out[1, :, : N - 9], expected[1, :, : N - 9], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("divisor", [1, 2])
+def test_lsh_chunk_blocks_match_the_definition(monkeypatch, causal, divisor):
+    """The other plan for the bucket windows (queries grouped by the key chunk their window starts in: no block
+    overflows its span), forced, against the dense definition, padding included."""
+    from hf_attn_variants.modeling import lsh_attention as la
+
+    taken = []
+    monkeypatch.setattr(la, "prefer_chunk_blocks", lambda chunked, overflow: taken.append(1) or True)
+    q, k, v = qkv(seed=5)
+    mask = right_padding(pad=9)
+    settings = LSHSettings(bucket_size=6, num_hashes=2, num_buckets=4)
+    rotations = torch.randn(2, D, 2, generator=torch.Generator().manual_seed(5))
+    out = la.lsh_attention(q, k, v, rotations, mask, causal, SCALE, settings, bucket_block_divisor=divisor)
+    expected = lsh_reference(q, k, v, rotations, mask, causal, settings)
+    assert taken  # these inputs overflow, so the plan was chosen and used
+    torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, :, : N - 9], expected[1, :, : N - 9], atol=1e-5, rtol=1e-5)
+
+
 def test_lsh_encoder_buckets_do_not_move_when_every_key_shifts():
     """Softmax attention ignores a shift shared by all keys; non-causal LSH hashes centred keys, so its buckets, and
     its output, ignore it too (raw keys moved by a shared bias crowd into the buckets the bias points to). N = 50 >
