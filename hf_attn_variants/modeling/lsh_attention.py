@@ -37,11 +37,10 @@ from .decoding_caches import BucketIndexLayer, decoding_layer
 from .gathered_attention import GROUP_ELEMENTS, NO_KEY_LSE, KeyPass, multi_pass_attention
 
 # Queries per block of the bucket window = bucket_size // BUCKET_BLOCK_DIVISOR (lsh_attention's default). A block's
-# span holds 2 * bucket_size sorted keys; a query whose window runs past it gets a block of its own
-# (overflow_blocks). Queries and keys are hashed apart, so a bucket can hold several times more keys than queries,
-# and the windows of consecutive queries then move fast: at 16K tokens (one BERT-base layer, random weights) 6.5% of
-# queries overflow with half blocks. Half blocks were faster than full ones, and than grouping queries by the key
-# chunk their window starts in (no overflow, 25% more blocks: 7-10% slower, measured).
+# span holds 2 * bucket_size sorted keys. Queries and keys are hashed apart, so a bucket can hold several times more
+# keys than queries, and the windows of consecutive queries then move fast: at 16K tokens (one BERT-base layer,
+# random weights) 6.5% of queries overrun their block's span with half blocks. bucket_pass then takes the block plan
+# with fewer blocks (overflow_blocks or chunk_blocks, prefer_chunk_blocks).
 BUCKET_BLOCK_DIVISOR = 2
 
 
@@ -196,8 +195,9 @@ def bucket_pass(query, query_bucket, key_bucket, q_pos, local_start, width: int,
     """Each query's bucket window (``bucket_windows``) minus keys already in its positional window, as a KeyPass.
 
     Queries are sorted by where their window starts and handled in blocks of width / ``bucket_block_divisor``
-    against the 2 * width sorted keys from the block's first window; the rare query whose window reaches past that
-    span gets a block of its own (``overflow_blocks``), in the same pass.
+    against the 2 * width sorted keys from the block's first window; a query whose window reaches past that span
+    gets a block of its own (``overflow_blocks``). Where that takes more blocks than grouping the queries by the key
+    chunk their window starts in (``chunk_blocks``, which no window overruns), the chunk plan is used instead.
     """
     bsz, heads, lq, _ = query.shape
     device = query.device
@@ -239,10 +239,10 @@ def bucket_pass(query, query_bucket, key_bucket, q_pos, local_start, width: int,
 
 
 def prefer_chunk_blocks(chunk_block_count: int, overflow_block_count: int) -> bool:
-    """Whether chunk_blocks' plan is taken over overflow_blocks' (the same result): when it has fewer blocks. On
-    random weights overflows are few (6.5% of queries at 16K) and overflow blocks win; a BERT-base-shaped model on
-    real token ids overflowed for so many queries that each LSH layer ran ~5x the blocks it needed (a 2-layer
-    model's forward at 4096 tokens: 1.34 s with overflow blocks, 0.95 s with chunk blocks; full attention 0.90 s)."""
+    """Whether chunk_blocks' plan is taken over overflow_blocks' (the same result): when it has fewer blocks. A
+    BERT-base-shaped model on real token ids overran so often that each LSH layer ran ~5x the blocks it needed (a
+    2-layer model's forward at 4096 tokens: 1.34 s with overflow blocks only, 0.95 s with this choice; full
+    attention 0.90 s). Where overruns are rare the overflow plan has fewer blocks and is kept."""
     return chunk_block_count < overflow_block_count
 
 
