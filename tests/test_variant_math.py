@@ -776,3 +776,13 @@ def test_multi_pass_attention_is_one_softmax_over_every_pass_keys_with_its_gradi
         return multi_pass_attention(q, k, v, passes, SCALE, group_elements=1)[0]
 
     assert torch.autograd.gradcheck(core, (q, k, v))
+
+
+def test_multi_pass_attention_refuses_blocked_queries_among_several_passes():
+    """Blocked queries [*, nb, w, D] have no row order to merge passes in: a clear error, not a wrong result."""
+    from hf_attn_variants.modeling.gathered_attention import KeyPass, multi_pass_attention
+
+    q, k, v, passes = multi_pass_inputs()
+    blocked = KeyPass(passes[0].key_index, passes[0].mask)  # no query_index
+    with pytest.raises(ValueError, match="several KeyPasses need query_index"):
+        multi_pass_attention(q.view(2, 2, 2, 3, 3), k, v, [blocked, passes[1]], SCALE)
