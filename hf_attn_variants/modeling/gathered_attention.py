@@ -71,7 +71,7 @@ class GatheredAttention(torch.autograd.Function):
             for lo, hi in group_spans(slots.blocked_shape, key_pass.key_index.shape[-1], group_elements):
                 index = flat_index(key_pass.key_index, key, lo, hi)
                 keys, values = gather_rows(key, index), gather_rows(value, index)
-                scores = pass_scores(slots, key_pass, query, keys, scaling, lo, hi)
+                scores = pass_scores(slots, key_pass, slots.read(query, lo, hi), keys, scaling, lo, hi)
                 group_lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp_min_(NO_KEY_LSE)
                 probs = scores.sub_(group_lse).exp_()
                 if dropout > 0.0:
@@ -105,7 +105,7 @@ class GatheredAttention(torch.autograd.Function):
                 keys, values = gather_rows(key, index), gather_rows(value, index)
                 queries, grads = slots.read(query, lo, hi), slots.read(grad_out, lo, hi)
                 group_lse, group_delta = slots.read(lse.unsqueeze(-1), lo, hi), slots.read(delta, lo, hi)
-                probs = pass_scores(slots, key_pass, query, keys, scaling, lo, hi, queries).sub_(group_lse).exp_()
+                probs = pass_scores(slots, key_pass, queries, keys, scaling, lo, hi).sub_(group_lse).exp_()
                 kept, grad_scores = softmax_block_backward(probs, grads, values, group_delta, dropout,
                                                            pass_seed(seed, number), lo)
                 scatter_add_rows(grad_value, index, torch.matmul(kept.transpose(-1, -2), grads))
@@ -125,10 +125,9 @@ def pass_seed(seed: int, number: int) -> int:
     return seed + (number << 40)
 
 
-def pass_scores(slots, key_pass: KeyPass, query, keys, scaling: float, lo: int, hi: int, queries=None
-                ) -> torch.Tensor:
-    """Masked scores [*, G, w, K] of query blocks lo..hi-1 against their gathered keys, plus the pass's weight."""
-    queries = slots.read(query, lo, hi) if queries is None else queries
+def pass_scores(slots, key_pass: KeyPass, queries, keys, scaling: float, lo: int, hi: int) -> torch.Tensor:
+    """Masked scores [*, G, w, K] of query blocks lo..hi-1 (queries [*, G, w, D]) against their gathered keys
+    [*, G, K, D], plus the pass's weight."""
     scores = masked_scores(queries, keys, slots.allowed(key_pass.mask, lo, hi), scaling)
     return scores.add_(key_pass.log_weight) if key_pass.log_weight else scores
 

@@ -135,11 +135,13 @@ def local_window_start(
     return torch.maximum(torch.minimum(q_pos - width // 2, upper), lo.unsqueeze(-1))
 
 
-def local_pass(query, lk: int, key_mask, start, width: int, first: int) -> tuple[KeyPass, torch.Tensor | None]:
+def local_pass(query, lk: int, key_mask, start, width: int, first: int, log_weight: float = 0.0
+               ) -> tuple[KeyPass, torch.Tensor | None]:
     """Each query's positional window [start, start + width) and, with ``first`` > 0, the first ``first`` real keys
     where that window does not hold them, as one KeyPass: query blocks of ``width`` against the 2 * width - 1 keys
     from the block's first window start (window starts grow by at most 1 per position, so the block's last window
-    ends inside that span), the first keys as leading columns. query [B, H, Lq, D]; start [B or 1, Lq]. Returns
+    ends inside that span), the first keys as leading columns, every score raised by ``log_weight``. query
+    [B, H, Lq, D]; start [B or 1, Lq]. Returns
     (the pass, the real keys left to hash [B or 1, Lk] bool: all but padding and the first keys; None when
     key_mask is None and first = 0)."""
     bsz, heads, lq, _ = query.shape
@@ -170,7 +172,7 @@ def local_pass(query, lk: int, key_mask, start, width: int, first: int) -> tuple
             in_window = torch.cat([~in_window[..., :first], in_window[..., first:]], -1)
         return (in_window & span_ok[:, lo:hi, None, :]).unsqueeze(1)
 
-    return KeyPass(span.unsqueeze(1), allowed, query_index), hashable
+    return KeyPass(span.unsqueeze(1), allowed, query_index, log_weight), hashable
 
 
 def bucket_windows(query_bucket, key_bucket, q_pos, width: int, is_causal: bool, lk: int):
@@ -329,11 +331,10 @@ def lsh_attention(
     q_pos = torch.arange(lk - query.shape[2], lk, device=query.device)
     local_start = local_window_start(q_pos, key_mask, lk, width, is_causal)
     first = 0 if is_causal else min(settings.exact_first, lk)
-    local, hashable = local_pass(query, lk, key_mask, local_start, width, first)
     # One softmax over every round's keys: each round is the softmax over (positional window + first keys + its
     # bucket window), rounds combined by log-sum-exp, so the positional window and the first keys count once per
     # round (their pass's log_weight).
-    local.log_weight = math.log(len(rotations))
+    local, hashable = local_pass(query, lk, key_mask, local_start, width, first, math.log(len(rotations)))
     passes = [local]
     hashed_keys = key if is_causal else centred_keys(key, key_mask)
     for rotation in rotations:
